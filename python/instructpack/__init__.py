@@ -1,0 +1,43 @@
+"""instructpack: fast, exact instruction tuning for Hugging Face causal LMs.
+
+The public API follows the InstructLab Training library, so code written for it runs with
+only the import line changed. Importing this package does not import torch.
+"""
+
+from . import data_process
+from .config import (
+    ConfigError,
+    DataProcessArgs,
+    DeepSpeedOptions,
+    DistributedBackend,
+    FSDPOptions,
+    LoraOptions,
+    QuantizeDataType,
+    RunConfig,
+    ShardingStrategies,
+    TorchrunArgs,
+    TrainingArgs,
+    load_config,
+)
+from .data.shards import DatasetError, TokenDataset, load_dataset
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DataProcessArgs",
+    "DatasetError",
+    "DeepSpeedOptions",
+    "DistributedBackend",
+    "FSDPOptions",
+    "LoraOptions",
+    "QuantizeDataType",
+    "RunConfig",
+    "ShardingStrategies",
+    "TokenDataset",
+    "TorchrunArgs",
+    "TrainingArgs",
+    "data_process",
+    "load_config",
+    "load_dataset",
+]

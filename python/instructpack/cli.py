@@ -1,0 +1,62 @@
+"""Console entry points. Argument parsing only: the work is in the library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _preprocess_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--data-path", required=True, help="messages-format JSONL file")
+    parser.add_argument("--data-output-path", required=True, help="directory to write the token shards to")
+    parser.add_argument("--model-path", required=True, help="model or tokenizer directory (tokenizer.json)")
+    parser.add_argument("--max-seq-len", type=int, required=True, help="drop samples longer than this (tokens)")
+    parser.add_argument("--min-seq-len", type=int, default=0, help="drop samples shorter than this (0: off)")
+    parser.add_argument("--chat-tmpl-path", default=None, help="Jinja chat template file (default: the tokenizer's)")
+    parser.add_argument("--num-cpu-procs", type=int, default=16, help="worker processes (capped by the CPUs)")
+    parser.add_argument("--skip-invalid-lines", action="store_true", help="skip bad input lines and report them")
+    parser.add_argument("--overwrite", action="store_true", help="re-process even if matching output exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _run_preprocess(ns: argparse.Namespace) -> int:
+    from . import data_process
+    from .config import ConfigError, DataProcessArgs
+
+    try:
+        args = DataProcessArgs(data_path=ns.data_path, data_output_path=ns.data_output_path,
+                               model_path=ns.model_path, max_seq_len=ns.max_seq_len, min_seq_len=ns.min_seq_len,
+                               chat_tmpl_path=ns.chat_tmpl_path, num_cpu_procs=ns.num_cpu_procs,
+                               skip_invalid_lines=ns.skip_invalid_lines, overwrite=ns.overwrite)
+        result = data_process.main(args, progress=False if ns.no_progress else None)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"instructpack-preprocess: error: {e}", file=sys.stderr)
+        return 2
+    print(result.summary())
+    if result.invalid_examples:
+        print("skipped lines (first ones):")
+        for line in result.invalid_examples:
+            print(f"  {line}")
+    return 0
+
+
+def preprocess_main(argv: list[str] | None = None) -> int:
+    """`instructpack-preprocess`: JSONL -> token shards. Does not import torch."""
+    parser = _preprocess_parser(argparse.ArgumentParser(prog="instructpack-preprocess", description=__doc__))
+    return _run_preprocess(parser.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`instructpack <command>`."""
+    parser = argparse.ArgumentParser(prog="instructpack")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _preprocess_parser(sub.add_parser("preprocess", help="messages JSONL -> token shards"))
+    ns = parser.parse_args(argv)
+    if ns.command == "preprocess":
+        return _run_preprocess(ns)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Chat rendering and trained-span detection, without importing torch or transformers'
+tokenizer classes (the preprocessing command must start fast).
+
+Rendering goes through transformers' own `render_jinja_template` (a light import), with the
+same keyword arguments `apply_chat_template` passes, so the text is exactly what the model
+sees at inference.
+
+Trained spans are found by rendering the conversation a second time with every content
+replaced by a unique sentinel. That sentinel render shows where the template puts each
+message; aligning it with the real render gives the exact character span of each content,
+whatever the template does around it (role headers, trimming, reasoning blocks). The
+sentinel renders depend only on the roles and fields present, so they are cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .messages import Conversation, SampleError
+
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_SENTINEL_RE = re.compile("\ue000(\\d+)([cr])\ue001")
+
+
+class TemplateError(SampleError):
+    """The chat template rejected a conversation, or rendered it in a way that cannot be aligned."""
+
+    def __init__(self, message: str):
+        super().__init__("chat_template", message)
+
+
+def _sentinel(index: int, field: str) -> str:
+    # Private-use code points: no real text or template contains them, and trim/strip keep them.
+    return f"\ue000{index}{field}\ue001"
+
+
+def _token_text(value) -> str | None:
+    if isinstance(value, dict):  # serialized AddedToken
+        return value.get("content")
+    return value
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """What preprocessing needs from a model directory: the Rust tokenizer, the chat
+    template and the special-token strings the template may use."""
+
+    tokenizer_json: Path
+    chat_template: str
+    special_tokens: dict
+    vocab_size: int
+    fingerprint: str
+    template_fingerprint: str
+
+
+def load_tokenizer_files(model_path: str | Path, chat_tmpl_path: str | Path | None = None) -> TokenizerFiles:
+    model = Path(model_path)
+    if not model.is_dir():
+        raise FileNotFoundError(f"model_path {str(model)!r} is not a directory; give the path of a Hugging Face "
+                                "model or tokenizer directory (containing tokenizer.json)")
+    tokenizer_json = model / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise FileNotFoundError(f"{tokenizer_json}: not found. instructpack needs a fast (Rust) tokenizer; save one "
+                                "with `AutoTokenizer.from_pretrained(...).save_pretrained(dir)`")
+    config_path = model / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    special = {k: _token_text(config.get(k)) for k in _SPECIAL_TOKEN_KEYS if _token_text(config.get(k)) is not None}
+
+    if chat_tmpl_path is not None:
+        tmpl_file = Path(chat_tmpl_path)
+        if not tmpl_file.is_file():
+            raise FileNotFoundError(f"chat_tmpl_path {str(tmpl_file)!r}: not found; give a Jinja chat template file")
+        template = tmpl_file.read_text(encoding="utf-8")
+    elif (model / "chat_template.jinja").is_file():
+        template = (model / "chat_template.jinja").read_text(encoding="utf-8")
+    else:
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: the "default" one, as transformers does
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if not template:
+        raise ValueError(f"{model}: the tokenizer has no chat template; give one with chat_tmpl_path "
+                         "(a Jinja file), or add chat_template.jinja to the model directory")
+
+    raw = tokenizer_json.read_bytes()
+    from tokenizers import Tokenizer
+
+    # Ids are bounded by the largest id, not the count: added tokens may sit above the vocab.
+    vocab_size = max(Tokenizer.from_str(raw.decode("utf-8")).get_vocab(with_added_tokens=True).values()) + 1
+    h = hashlib.sha256(raw)
+    h.update(json.dumps(special, sort_keys=True).encode())
+    return TokenizerFiles(
+        tokenizer_json=tokenizer_json,
+        chat_template=template,
+        special_tokens=special,
+        vocab_size=vocab_size,
+        fingerprint=h.hexdigest()[:16],
+        template_fingerprint=hashlib.sha256(template.encode()).hexdigest()[:16],
+    )
+
+
+class ChatRenderer:
+    """Renders conversations with a chat template and finds the trained character spans."""
+
+    def __init__(self, chat_template: str, special_tokens: dict):
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        self._render_jinja = render_jinja_template
+        self.chat_template = chat_template
+        self.special_tokens = dict(special_tokens)
+        self._sentinel_cache: dict[tuple, tuple] = {}
+
+    def render(self, messages: list[dict]) -> str:
+        try:
+            rendered = self._render_jinja(conversations=[messages], chat_template=self.chat_template,
+                                          add_generation_prompt=False, **self.special_tokens)
+        except Exception as e:  # jinja raises TemplateError, but templates can raise anything
+            raise TemplateError(f"chat template failed: {e}") from None
+        return rendered[0][0]
+
+    def _sentinel_parts(self, shape: tuple) -> tuple:
+        """The sentinel render of a conversation of this shape, split into literal text
+        (str) and field markers ((message index, 'c'|'r'))."""
+        parts = self._sentinel_cache.get(shape)
+        if parts is None:
+            messages = []
+            for i, (role, has_reasoning) in enumerate(shape):
+                m = {"role": role, "content": _sentinel(i, "c")}
+                if has_reasoning:
+                    m["reasoning_content"] = _sentinel(i, "r")
+                messages.append(m)
+            pieces = _SENTINEL_RE.split(self.render(messages))
+            parts = []
+            for k, piece in enumerate(pieces):
+                if k % 3 == 0:
+                    if piece:
+                        parts.append(piece)
+                elif k % 3 == 1:
+                    parts.append((int(piece), pieces[k + 1]))
+            parts = tuple(parts)
+            self._sentinel_cache[shape] = parts
+        return parts
+
+    def _end_of_turn(self, shape: tuple, index: int) -> str:
+        """What the template writes right after message `index` when the conversation ends
+        there, without trailing whitespace: the end-of-turn marker(s)."""
+        parts = self._sentinel_parts(shape[: index + 1])
+        last = max((k for k, p in enumerate(parts) if isinstance(p, tuple) and p[0] == index), default=None)
+        if last is None:
+            return ""
+        return "".join(p for p in parts[last + 1:] if isinstance(p, str)).rstrip()
+
+    def render_with_spans(self, conv: Conversation) -> tuple[str, list[tuple[int, int]]]:
+        """Returns the rendered text and the sorted, disjoint trained character spans."""
+        messages = conv.as_dicts()
+        text = self.render(messages)
+        shape = tuple((m.role, m.reasoning_content is not None) for m in conv.messages)
+        parts = self._sentinel_parts(shape)
+
+        # Walk the real render along the sentinel render.
+        field_spans: list[tuple[int, int, int]] = []  # (message index, start, end) in render order
+        pos = 0
+        for k, part in enumerate(parts):
+            if isinstance(part, str):
+                if not text.startswith(part, pos):
+                    raise TemplateError(_misaligned(text, pos, part))
+                pos += len(part)
+                continue
+            index, field = part
+            m = conv.messages[index]
+            value = m.content if field == "c" else m.reasoning_content
+            following = parts[k + 1] if k + 1 < len(parts) and isinstance(parts[k + 1], str) else ""
+            for candidate in _rendered_variants(value):
+                if text.startswith(candidate, pos) and text.startswith(following, pos + len(candidate)):
+                    break
+            else:
+                raise TemplateError(_misaligned(text, pos, value))
+            field_spans.append((index, pos, pos + len(candidate)))
+            pos += len(candidate)
+        if pos != len(text):
+            raise TemplateError(_misaligned(text, pos, ""))
+
+        trained = _trained_messages(conv)
+        spans = []
+        k = 0
+        while k < len(field_spans):
+            index, start, end = field_spans[k]
+            # Fields of one message rendered back to back (reasoning, then content) form one
+            # span, so the template text between them (e.g. "</think>") is trained too.
+            while k + 1 < len(field_spans) and field_spans[k + 1][0] == index:
+                k += 1
+                end = field_spans[k][2]
+            if index in trained:
+                eot = self._end_of_turn(shape, index)
+                tail = _common_prefix_len(eot, text, end)
+                spans.append((start, end + tail))
+            k += 1
+        return text, _merge(spans)
+
+
+def _trained_messages(conv: Conversation) -> set[int]:
+    if conv.unmask:
+        return {i for i, m in enumerate(conv.messages) if m.role != "system"}
+    return {i for i, m in enumerate(conv.messages) if m.role == "assistant"}
+
+
+def _rendered_variants(value: str) -> list[str]:
+    """How templates commonly print a field: as is, or trimmed."""
+    out = []
+    for v in (value, value.strip(), value.strip("\n"), value.lstrip(), value.rstrip()):
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def _common_prefix_len(prefix: str, text: str, pos: int) -> int:
+    n = 0
+    while n < len(prefix) and pos + n < len(text) and text[pos + n] == prefix[n]:
+        n += 1
+    return n
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(s for s in spans if s[1] > s[0]):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _misaligned(text: str, pos: int, expected: str) -> str:
+    return (f"the chat template renders this conversation differently from its structure (at character {pos}: "
+            f"expected {expected[:40]!r}, found {text[pos:pos + 40]!r}); the template changes message content "
+            "in a way instructpack cannot map to tokens")
+
+
+@lru_cache(maxsize=8)
+def cached_renderer(chat_template: str, special_items: tuple) -> ChatRenderer:
+    return ChatRenderer(chat_template, dict(special_items))

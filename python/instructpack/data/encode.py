@@ -1,0 +1,171 @@
+"""Turns a chunk of JSONL lines into token ids and trained masks: decode, render, tokenize
+(Rust, batched), mask (C++). Runs in worker processes; returns flat NumPy arrays only."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import unicodedata
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import kernels
+from .chat import ChatRenderer, TokenizerFiles
+from .messages import SampleError, decode_line
+
+DROP_REASONS = ("too_long", "too_short", "no_trained_tokens")
+
+
+@dataclass
+class EncodedChunk:
+    """Kept samples of one chunk, in input order, plus what was dropped or invalid."""
+
+    tokens: np.ndarray  # uint16 or uint32, all kept samples concatenated
+    mask: np.ndarray  # uint8 per token
+    lengths: np.ndarray  # uint32 per kept sample
+    trained: np.ndarray  # uint32 per kept sample
+    source_lines: np.ndarray  # uint64, 1-based input line of each kept sample
+    dropped: dict = field(default_factory=dict)  # reason -> count
+    invalid: list = field(default_factory=list)  # (line, kind, reason), in line order
+    lines: int = 0
+
+
+def byte_length_table(tokenizer) -> np.ndarray | None:
+    """Bytes per token id for byte-level BPE tokenizers (GPT-2, Llama-3, Qwen, Granite...),
+    where token offsets follow from the ids alone. None when the tokenizer is of another
+    kind; then the tokenizer's own (slower to fetch) offsets are used."""
+    from tokenizers import pre_tokenizers
+
+    spec = json.loads(tokenizer.to_str())
+    normalizer = spec.get("normalizer")
+    if normalizer is not None and normalizer.get("type") != "NFC":
+        return None
+    if '"ByteLevel"' not in json.dumps(spec.get("pre_tokenizer")):
+        return None
+    alphabet = set(pre_tokenizers.ByteLevel.alphabet())
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    table = np.full(max(vocab.values()) + 1, -1, dtype=np.int32)
+    for token, idx in vocab.items():
+        if all(c in alphabet for c in token):
+            table[idx] = len(token)  # one alphabet character stands for one byte
+    for added in spec.get("added_tokens", []):
+        # Tokens that swallow neighbouring spaces have no fixed length: leave them unknown.
+        if not (added.get("lstrip") or added.get("rstrip")):
+            table[added["id"]] = len(added["content"].encode("utf-8"))
+        else:
+            table[added["id"]] = -1
+    return table
+
+
+class ChunkEncoder:
+    def __init__(self, files: TokenizerFiles, max_seq_len: int, min_seq_len: int):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(files.tokenizer_json))
+        self.renderer = ChatRenderer(files.chat_template, files.special_tokens)
+        self.byte_len = byte_length_table(self.tokenizer)
+        self.nfc = '"NFC"' in json.dumps(json.loads(self.tokenizer.to_str()).get("normalizer"))
+        self.token_dtype = np.uint16 if files.vocab_size <= 1 << 16 else np.uint32
+        self.max_seq_len = max_seq_len
+        self.min_seq_len = min_seq_len
+
+    def encode(self, first_line: int, raw_lines: list[bytes]) -> EncodedChunk:
+        texts, spans, line_numbers, invalid = [], [], [], []
+        for number, raw in enumerate(raw_lines, start=first_line):
+            if not raw.strip():
+                continue  # blank lines (a trailing newline, say) are not samples
+            try:
+                text, trained_spans = self.renderer.render_with_spans(decode_line(raw))
+            except SampleError as e:
+                invalid.append((number, e.kind, str(e)))
+                continue
+            texts.append(text)
+            spans.append(trained_spans)
+            line_numbers.append(number)
+
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []
+        ids_lists = [e.ids for e in encodings]
+        lengths = np.fromiter(map(len, ids_lists), dtype=np.int64, count=len(ids_lists))
+        tok_begin = np.zeros(len(ids_lists) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=tok_begin[1:])
+        ids = np.fromiter(itertools.chain.from_iterable(ids_lists), dtype=np.uint32, count=int(tok_begin[-1]))
+
+        starts, ends, span_starts, span_ends, span_begin = self._offsets_and_spans(ids, tok_begin, texts, spans,
+                                                                                  encodings)
+        mask, trained = kernels.label_mask(starts, ends, tok_begin, span_starts, span_ends, span_begin)
+
+        reason = np.full(len(texts), -1, dtype=np.int8)
+        reason[trained == 0] = DROP_REASONS.index("no_trained_tokens")
+        if self.min_seq_len > 0:
+            reason[lengths < self.min_seq_len] = DROP_REASONS.index("too_short")
+        reason[lengths > self.max_seq_len] = DROP_REASONS.index("too_long")
+        keep = reason < 0
+        keep_tokens = np.repeat(keep, lengths)
+        return EncodedChunk(
+            tokens=ids[keep_tokens].astype(self.token_dtype),
+            mask=mask[keep_tokens],
+            lengths=lengths[keep].astype(np.uint32),
+            trained=trained[keep].astype(np.uint32),
+            source_lines=np.asarray(line_numbers, dtype=np.uint64)[keep],
+            dropped={r: int((reason == i).sum()) for i, r in enumerate(DROP_REASONS) if (reason == i).any()},
+            invalid=invalid,
+            lines=len(raw_lines),
+        )
+
+    def _spans_in_bytes(self, text: str, spans: list, total_bytes: int) -> list | None:
+        """The character spans in bytes, if the ids' byte offsets account for the text
+        exactly; None if they do not."""
+        if total_bytes < 0:
+            return None
+        if text.isascii():
+            return spans if total_bytes == len(text) else None
+        if self.nfc and not unicodedata.is_normalized("NFC", text):
+            return None  # the normalizer would change the text, and the bytes with it
+        if total_bytes != len(text.encode("utf-8")):
+            return None
+        return [(len(text[:a].encode("utf-8")), len(text[:b].encode("utf-8"))) for a, b in spans]
+
+    def _offsets_and_spans(self, ids, tok_begin, texts, spans, encodings):
+        """Token offsets and trained spans in one unit per sample: bytes where the ids give
+        the offsets (byte-level BPE), else characters from the tokenizer's own offsets."""
+        n = len(texts)
+        if self.byte_len is not None:
+            starts, ends, total = kernels.token_byte_offsets(ids, tok_begin, self.byte_len)
+        else:
+            starts = np.zeros(len(ids), np.int64)
+            ends = np.zeros(len(ids), np.int64)
+            total = np.full(n, -1, np.int64)
+        span_starts, span_ends, span_counts = [], [], []
+        for s in range(n):
+            sample_spans = self._spans_in_bytes(texts[s], spans[s], int(total[s]))
+            if sample_spans is None:
+                # The ids do not account for the text (another tokenizer kind, a normalizer
+                # at work): use the tokenizer's character offsets for this sample.
+                offsets = np.asarray(encodings[s].offsets, dtype=np.int64).reshape(-1, 2)
+                starts[tok_begin[s]:tok_begin[s + 1]] = offsets[:, 0]
+                ends[tok_begin[s]:tok_begin[s + 1]] = offsets[:, 1]
+                sample_spans = spans[s]
+            span_starts.extend(a for a, _ in sample_spans)
+            span_ends.extend(b for _, b in sample_spans)
+            span_counts.append(len(sample_spans))
+        span_begin = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(span_counts, out=span_begin[1:])
+        return (starts, ends, np.asarray(span_starts, np.int64), np.asarray(span_ends, np.int64), span_begin)
+
+
+# Worker-process state: one encoder per process, made by the pool initializer.
+_encoder: ChunkEncoder | None = None
+
+
+def init_worker(files: TokenizerFiles, max_seq_len: int, min_seq_len: int) -> None:
+    # Parallelism comes from the processes; Rust threads inside each would oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    global _encoder
+    _encoder = ChunkEncoder(files, max_seq_len, min_seq_len)
+
+
+def encode_in_worker(first_line: int, raw_lines: list[bytes]) -> EncodedChunk:
+    assert _encoder is not None, "init_worker was not run"
+    return _encoder.encode(first_line, raw_lines)
