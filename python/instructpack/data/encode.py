@@ -96,10 +96,11 @@ class ChunkEncoder:
                                                                                   encodings)
         mask, trained = kernels.label_mask(starts, ends, tok_begin, span_starts, span_ends, span_begin)
 
+        # One reason per dropped sample; later assignments take precedence.
         reason = np.full(len(texts), -1, dtype=np.int8)
-        reason[trained == 0] = DROP_REASONS.index("no_trained_tokens")
         if self.min_seq_len > 0:
             reason[lengths < self.min_seq_len] = DROP_REASONS.index("too_short")
+        reason[trained == 0] = DROP_REASONS.index("no_trained_tokens")
         reason[lengths > self.max_seq_len] = DROP_REASONS.index("too_long")
         keep = reason < 0
         keep_tokens = np.repeat(keep, lengths)

@@ -34,15 +34,24 @@ class ShardSequenceWriter:
         self._writer = None
 
     def append(self, tokens, mask, lengths, trained, source_lines) -> None:
-        if len(lengths) == 0:
-            return
-        if self._writer is not None and self._writer.num_tokens + len(tokens) > self.shard_tokens:
-            self._finish_shard()
-        if self._writer is None:
-            name = f"shard-{len(self.shards):05d}.bin"
-            self._writer = kernels.ShardWriter(str(self.directory / name), self.token_bytes)
-            self._name = name
-        self._writer.append(tokens, mask, lengths, trained, source_lines)
+        ends = np.cumsum(lengths, dtype=np.int64)  # token end of each sample in this chunk
+        first = 0
+        while first < len(lengths):
+            used = self._writer.num_tokens if self._writer is not None else 0
+            start = int(ends[first - 1]) if first else 0
+            last = int(np.searchsorted(ends, start + self.shard_tokens - used, side="right"))
+            if last == first:
+                if used:  # the next sample does not fit: start a new shard
+                    self._finish_shard()
+                    continue
+                last = first + 1  # one sample above the cap gets a shard of its own
+            if self._writer is None:
+                self._name = f"shard-{len(self.shards):05d}.bin"
+                self._writer = kernels.ShardWriter(str(self.directory / self._name), self.token_bytes)
+            stop = int(ends[last - 1])
+            self._writer.append(tokens[start:stop], mask[start:stop], lengths[first:last], trained[first:last],
+                                source_lines[first:last])
+            first = last
 
     def _finish_shard(self) -> None:
         w = self._writer
