@@ -1,0 +1,19 @@
+"""`python -m benchmarks <name> [options]`: one subcommand per benchmark."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import preprocess
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    preprocess.add_parser(sub)
+    ns = parser.parse_args(argv)
+    return ns.run(ns)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
