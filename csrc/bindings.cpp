@@ -108,6 +108,13 @@ py::array view(py::object owner, const void* data, uint64_t count) {
   return a;
 }
 
+// One column of a shard's per-sample index.
+template <typename T, const T* (Shard::*Column)() const>
+py::array index_view(py::object self) {
+  const Shard& s = self.cast<const Shard&>();
+  return view<T>(self, (s.*Column)(), s.layout().num_samples);
+}
+
 py::array tokens_view(py::object self) {
   const Shard& s = self.cast<const Shard&>();
   const auto& l = s.layout();
@@ -178,26 +185,10 @@ PYBIND11_MODULE(_C, m) {
                                const Shard& s = self.cast<const Shard&>();
                                return view<uint8_t>(self, s.mask(), s.layout().num_tokens);
                              })
-      .def_property_readonly("offsets",
-                             [](py::object self) {
-                               const Shard& s = self.cast<const Shard&>();
-                               return view<uint64_t>(self, s.offsets(), s.layout().num_samples);
-                             })
-      .def_property_readonly("lengths",
-                             [](py::object self) {
-                               const Shard& s = self.cast<const Shard&>();
-                               return view<uint32_t>(self, s.lengths(), s.layout().num_samples);
-                             })
-      .def_property_readonly("trained",
-                             [](py::object self) {
-                               const Shard& s = self.cast<const Shard&>();
-                               return view<uint32_t>(self, s.trained(), s.layout().num_samples);
-                             })
-      .def_property_readonly("source_lines",
-                             [](py::object self) {
-                               const Shard& s = self.cast<const Shard&>();
-                               return view<uint64_t>(self, s.source_lines(), s.layout().num_samples);
-                             })
+      .def_property_readonly("offsets", &index_view<uint64_t, &Shard::offsets>)
+      .def_property_readonly("lengths", &index_view<uint32_t, &Shard::lengths>)
+      .def_property_readonly("trained", &index_view<uint32_t, &Shard::trained>)
+      .def_property_readonly("source_lines", &index_view<uint64_t, &Shard::source_lines>)
       .def("verify", &Shard::verify, py::call_guard<py::gil_scoped_release>());
 
   py::class_<ShardSet>(m, "ShardSet")
