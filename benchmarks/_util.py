@@ -57,6 +57,13 @@ def peak_rss_mib() -> dict:
     (Forked children count the pages they share with the parent: the sum is an upper bound.)"""
     per_mib = (1 << 20) if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     main = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / per_mib
+    try:
+        # Linux carries ru_maxrss across exec: a fresh subprocess would report its parent's
+        # peak if larger. VmHWM is the peak of this process's own address space.
+        with open("/proc/self/status") as f:
+            main = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        pass
     child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / per_mib
     return {"rss_main_mib": round(main, 1), "rss_child_mib": round(child, 1)}
 

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from ._util import OUTPUT, cache_key, fmt, median, peak_rss_mib, run_child
 
-# Heavy-tailed sample lengths: rendered samples span ~20 to ~6,000 tokens (p50 ~450).
-GENERATOR = {"max_turns": 4, "median_words": 30.0, "sigma": 1.6, "max_words": 1500}
+# Heavy-tailed sample lengths: with this tokenizer, 20k rendered samples span 20 to ~6,000
+# tokens (p1 ~30, p50 ~400, p99 ~3,200, mean ~630).
+GENERATOR = {"max_turns": 4, "median_words": 40.0, "sigma": 1.7, "max_words": 2200}
 TOKENIZER = {"template": "chatml", "vocab_size": 32_000, "corpus_words": 4_000_000, "seed": 0}
 SEED = 0
 MAX_SEQ_LEN = 8192
@@ -96,7 +97,7 @@ def measure_floor(p: dict) -> dict:
     seconds = time.perf_counter() - start
     lengths = np.array([len(e.ids) for e in encodings])
     q = np.percentile(lengths, [1, 50, 99])
-    return {"seconds": seconds, "samples": len(texts), "tokens": int(lengths.sum()),
+    return {"seconds": seconds, "samples": len(texts), "tokens": int(lengths.sum()), "min": int(lengths.min()),
             "p1": int(q[0]), "p50": int(q[1]), "p99": int(q[2]), "max": int(lengths.max()),
             "over_max_seq_len": int((lengths > MAX_SEQ_LEN).sum()), **peak_rss_mib()}
 
@@ -140,7 +141,7 @@ def run(ns: argparse.Namespace) -> int:
 
     print(f"\npreprocess benchmark: {n:,} conversations, tokenizer vocab {TOKENIZER['vocab_size']:,}, "
           f"{NUM_PROCS} procs, medians of {repeats} alternating runs")
-    print(f"sample tokens: p1 {a['p1']}, p50 {a['p50']}, p99 {a['p99']}, max {a['max']}; "
+    print(f"sample tokens: min {a['min']}, p1 {a['p1']}, p50 {a['p50']}, p99 {a['p99']}, max {a['max']}; "
           f"{tokens:,} tokens total; > max_seq_len {MAX_SEQ_LEN}: {a['over_max_seq_len']}")
     print(f"{'':34}{'time s':>8}{'samples/s':>11}{'tokens/s':>12}   peak RSS MiB (main + largest child)")
     for label, t, runs in (("(a) floor: render + encode_batch", ta, floors),
