@@ -152,16 +152,16 @@ def _worker_count(requested: int) -> int:
 def _encoded_chunks(args: DataProcessArgs, files, f, workers: int):
     """Encoded chunks in input order; with several workers, at most a few chunks are in
     flight, so memory stays bounded whatever the input size."""
+    # Built here, before any fork: workers inherit the loaded tokenizer and template code.
+    encoder = encode.ChunkEncoder(files, args.max_seq_len, args.min_seq_len)
     if workers == 1:
-        encoder = encode.ChunkEncoder(files, args.max_seq_len, args.min_seq_len)
         for first, lines in _read_chunks(f):
             yield encoder.encode(first, lines)
         return
     # fork: no re-import of the caller's __main__ (scripts without a main guard work).
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     ctx = multiprocessing.get_context(method)
-    with ctx.Pool(workers, initializer=encode.init_worker,
-                  initargs=(files, args.max_seq_len, args.min_seq_len)) as pool:
+    with ctx.Pool(workers, initializer=encode.init_worker, initargs=(encoder,)) as pool:
         pending: collections.deque = collections.deque()
         for first, lines in _read_chunks(f):
             pending.append(pool.apply_async(encode.encode_in_worker, (first, lines)))

@@ -85,7 +85,10 @@ class ChunkEncoder:
             spans.append(trained_spans)
             line_numbers.append(number)
 
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False) if texts else []
+        # Byte-level tokenizers need no offsets from the tokenizer (the ids give them), so
+        # skip computing them; a sample that still needs them is re-encoded on its own.
+        encode_batch = self.tokenizer.encode_batch_fast if self.byte_len is not None else self.tokenizer.encode_batch
+        encodings = encode_batch(texts, add_special_tokens=False) if texts else []
         ids_lists = [e.ids for e in encodings]
         lengths = np.fromiter(map(len, ids_lists), dtype=np.int64, count=len(ids_lists))
         tok_begin = np.zeros(len(ids_lists) + 1, dtype=np.int64)
@@ -144,7 +147,9 @@ class ChunkEncoder:
             if sample_spans is None:
                 # The ids do not account for the text (another tokenizer kind, a normalizer
                 # at work): use the tokenizer's character offsets for this sample.
-                offsets = np.asarray(encodings[s].offsets, dtype=np.int64).reshape(-1, 2)
+                encoding = encodings[s] if self.byte_len is None else self.tokenizer.encode(
+                    texts[s], add_special_tokens=False)
+                offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
                 starts[tok_begin[s]:tok_begin[s + 1]] = offsets[:, 0]
                 ends[tok_begin[s]:tok_begin[s + 1]] = offsets[:, 1]
                 sample_spans = spans[s]
@@ -156,15 +161,16 @@ class ChunkEncoder:
         return (starts, ends, np.asarray(span_starts, np.int64), np.asarray(span_ends, np.int64), span_begin)
 
 
-# Worker-process state: one encoder per process, made by the pool initializer.
+# Worker-process state: the encoder the pool initializer installs in each process.
 _encoder: ChunkEncoder | None = None
 
 
-def init_worker(files: TokenizerFiles, max_seq_len: int, min_seq_len: int) -> None:
+def init_worker(encoder: ChunkEncoder) -> None:
+    """With fork, `encoder` is the parent's, inherited without pickling or re-importing."""
     # Parallelism comes from the processes; Rust threads inside each would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _encoder
-    _encoder = ChunkEncoder(files, max_seq_len, min_seq_len)
+    _encoder = encoder
 
 
 def encode_in_worker(first_line: int, raw_lines: list[bytes]) -> EncodedChunk:
