@@ -18,7 +18,6 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 from .messages import Conversation, SampleError
@@ -238,8 +237,3 @@ def _misaligned(text: str, pos: int, expected: str) -> str:
     return (f"the chat template renders this conversation differently from its structure (at character {pos}: "
             f"expected {expected[:40]!r}, found {text[pos:pos + 40]!r}); the template changes message content "
             "in a way instructpack cannot map to tokens")
-
-
-@lru_cache(maxsize=8)
-def cached_renderer(chat_template: str, special_items: tuple) -> ChatRenderer:
-    return ChatRenderer(chat_template, dict(special_items))
