@@ -28,7 +28,7 @@ from .data import encode
 from .data.chat import load_tokenizer_files
 from .data.messages import InputError
 from .data.shards import FORMAT, FORMAT_VERSION, MANIFEST, DatasetError, ShardSequenceWriter, read_manifest, \
-    write_manifest
+    token_dtype_for, write_manifest
 
 CHUNK_LINES = 256
 CHUNK_BYTES = 1 << 20
@@ -173,14 +173,14 @@ def _encoded_chunks(args: DataProcessArgs, files, f, workers: int):
 
 def _process(args: DataProcessArgs, data_path: Path, files, tmp: Path, progress: bool | None,
              shard_tokens: int | None) -> tuple[dict, list]:
-    token_dtype = np.uint16 if files.vocab_size <= 1 << 16 else np.uint32
+    token_dtype = token_dtype_for(files.vocab_size)
     writer = ShardSequenceWriter(tmp, token_dtype, **({"shard_tokens": shard_tokens} if shard_tokens else {}))
     dropped = collections.Counter()
     invalid_reasons = collections.Counter()
     invalid_examples: list = []
     lengths_seen: list[np.ndarray] = []
     lines = tokens = trained_tokens = 0
-    bar = _progress_bar(data_path, progress)
+    bar = _progress_bar(progress)
     with open(data_path, "rb") as f:
         for chunk in _encoded_chunks(args, files, f, _worker_count(args.num_cpu_procs)):
             for line, kind, reason in chunk.invalid:
@@ -210,7 +210,7 @@ def _process(args: DataProcessArgs, data_path: Path, files, tmp: Path, progress:
         "format_version": FORMAT_VERSION,
         "source": {"path": str(data_path.resolve()), "lines": lines},
         "tokenizer": {"path": str(Path(args.model_path).resolve()), "fingerprint": files.fingerprint,
-                      "vocab_size": files.vocab_size, "token_dtype": np.dtype(token_dtype).name},
+                      "vocab_size": files.vocab_size, "token_dtype": token_dtype.name},
         "chat_template": {"path": args.chat_tmpl_path, "fingerprint": files.template_fingerprint},
         "settings": {"max_seq_len": args.max_seq_len, "min_seq_len": args.min_seq_len,
                      "skip_invalid_lines": args.skip_invalid_lines},
@@ -234,7 +234,7 @@ def _length_stats(lengths: np.ndarray) -> dict:
             "p90": int(q[1]), "p99": int(q[2]), "max": int(lengths.max())}
 
 
-def _progress_bar(data_path: Path, progress: bool | None):
+def _progress_bar(progress: bool | None):
     if progress is None:
         progress = sys.stderr.isatty()
     if not progress:

@@ -14,6 +14,7 @@ import numpy as np
 from .. import kernels
 from .chat import ChatRenderer, TokenizerFiles
 from .messages import SampleError, decode_line
+from .shards import token_dtype_for
 
 DROP_REASONS = ("too_long", "too_short", "no_trained_tokens")
 
@@ -67,7 +68,7 @@ class ChunkEncoder:
         self.renderer = ChatRenderer(files.chat_template, files.special_tokens)
         self.byte_len = byte_length_table(self.tokenizer)
         self.nfc = '"NFC"' in json.dumps(json.loads(self.tokenizer.to_str()).get("normalizer"))
-        self.token_dtype = np.uint16 if files.vocab_size <= 1 << 16 else np.uint32
+        self.token_dtype = token_dtype_for(files.vocab_size)
         self.max_seq_len = max_seq_len
         self.min_seq_len = min_seq_len
 

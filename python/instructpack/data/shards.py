@@ -18,6 +18,11 @@ MANIFEST = "manifest.json"
 DEFAULT_SHARD_TOKENS = 1 << 28
 
 
+def token_dtype_for(vocab_size: int) -> np.dtype:
+    """Token ids are stored as uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
 class DatasetError(ValueError):
     """A dataset directory that cannot be used; the message names the file and the fix."""
 
