@@ -203,3 +203,37 @@ def test_single_process_equals_parallel(tmp_path, tokenizer_dirs):
                     load_dataset(b.output_path).shards.gather(np.arange(b.manifest["counts"]["samples"]))):
         np.testing.assert_array_equal(x, y)
     assert [s["checksum"] for s in a.manifest["shards"]] == [s["checksum"] for s in b.manifest["shards"]]
+
+
+# Two more template families, given as template files (chat_tmpl_path): Gemma renames the
+# assistant role and closes turns with <end_of_turn>; Mistral puts the answer right after
+# "[/INST]" and closes it with the eos token only, never after user turns.
+EXTRA_TEMPLATES = {
+    "gemma": ("{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' "
+              "else message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + "
+              "'<end_of_turn>\\n' }}{% endfor %}", "<end_of_turn>"),
+    "mistral": ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+                "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+                "{{ message['content'] + eos_token }}{% endif %}{% endfor %}", "<|end_of_text|>"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(EXTRA_TEMPLATES))
+def test_other_template_families_from_a_template_file(tmp_path, tokenizer_dirs, family):
+    from tokenizers import Tokenizer
+
+    template, eot = EXTRA_TEMPLATES[family]
+    path = tmp_path / f"{family}.jinja"
+    path.write_text(template)
+    model = tokenizer_dirs["granite"]  # eos_token <|end_of_text|>
+    samples = [{"messages": [{"role": "user", "content": f"question {i} ka lo"},
+                             {"role": "assistant", "content": f"answer {i} mi ne"},
+                             {"role": "user", "content": "again?"},
+                             {"role": "assistant", "content": "Yes 🙂 su ta"}]} for i in range(20)]
+    ds = load_dataset(_run(tmp_path, model, samples, chat_tmpl_path=str(path)).output_path)
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    assert len(ds) == 20
+    for i in range(20):
+        item = ds[i]
+        runs = [tok.decode(r, skip_special_tokens=False) for r in _trained_runs(item["input_ids"], item["labels"])]
+        assert runs == [f"answer {i} mi ne{eot}", f"Yes 🙂 su ta{eot}"]
