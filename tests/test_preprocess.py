@@ -237,3 +237,23 @@ def test_other_template_families_from_a_template_file(tmp_path, tokenizer_dirs, 
         item = ds[i]
         runs = [tok.decode(r, skip_special_tokens=False) for r in _trained_runs(item["input_ids"], item["labels"])]
         assert runs == [f"answer {i} mi ne{eot}", f"Yes 🙂 su ta{eot}"]
+
+
+def test_nfc_normalizing_tokenizer_with_decomposed_text_keeps_exact_labels(tmp_path, tokenizer_dirs):
+    """Qwen-style tokenizers normalize to NFC: where that changes the text, the byte offsets
+    from ids no longer match it, and the tokenizer's own offsets must be used instead."""
+    import shutil
+    import unicodedata
+
+    from tokenizers import Tokenizer, normalizers
+
+    model = tmp_path / "nfc"
+    shutil.copytree(tokenizer_dirs["chatml"], model)
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    tok.normalizer = normalizers.NFC()
+    tok.save(str(model / "tokenizer.json"))
+    answer = "cafe\u0301 ka lo"  # decomposed é: NFC changes it
+    sample = {"messages": [{"role": "user", "content": "ne\u0301 su"}, {"role": "assistant", "content": answer}]}
+    item = load_dataset(_run(tmp_path, model, [sample]).output_path)[0]
+    runs = [tok.decode(r, skip_special_tokens=False) for r in _trained_runs(item["input_ids"], item["labels"])]
+    assert runs == [unicodedata.normalize("NFC", answer) + "<|im_end|>"]

@@ -62,12 +62,12 @@ def byte_length_table(tokenizer) -> np.ndarray | None:
 
 class ChunkEncoder:
     def __init__(self, files: TokenizerFiles, max_seq_len: int, min_seq_len: int):
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer, normalizers
 
         self.tokenizer = Tokenizer.from_file(str(files.tokenizer_json))
         self.renderer = ChatRenderer(files.chat_template, files.special_tokens)
         self.byte_len = byte_length_table(self.tokenizer)
-        self.nfc = '"NFC"' in json.dumps(json.loads(self.tokenizer.to_str()).get("normalizer"))
+        self.nfc = isinstance(self.tokenizer.normalizer, normalizers.NFC)
         self.token_dtype = token_dtype_for(files.vocab_size)
         self.max_seq_len = max_seq_len
         self.min_seq_len = min_seq_len

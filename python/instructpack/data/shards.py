@@ -51,21 +51,25 @@ class ShardSequenceWriter:
                     continue
                 last = first + 1  # one sample above the cap gets a shard of its own
             if self._writer is None:
-                self._name = f"shard-{len(self.shards):05d}.bin"
-                self._writer = kernels.ShardWriter(str(self.directory / self._name), self.token_bytes)
+                self._writer = kernels.ShardWriter(str(self.directory / self._open_name()), self.token_bytes)
             stop = int(ends[last - 1])
             self._writer.append(tokens[start:stop], mask[start:stop], lengths[first:last], trained[first:last],
                                 source_lines[first:last])
             first = last
 
+    def _open_name(self) -> str:
+        """File name of the shard being written (finished shards are numbered before it)."""
+        return f"shard-{len(self.shards):05d}.bin"
+
     def _finish_shard(self) -> None:
         w = self._writer
+        name = self._open_name()
         checksum = w.close()
         self.shards.append({
-            "file": self._name,
+            "file": name,
             "samples": w.num_samples,
             "tokens": w.num_tokens,
-            "bytes": (self.directory / self._name).stat().st_size,
+            "bytes": (self.directory / name).stat().st_size,
             "checksum": f"{checksum:016x}",
         })
         self._writer = None
