@@ -6,6 +6,7 @@
 #include <string>
 
 #include "masking.h"
+#include "packing.h"
 #include "shards.h"
 
 namespace py = pybind11;
@@ -122,7 +123,7 @@ py::array tokens_view(py::object self) {
   return l.token_bytes == 2 ? view<uint16_t>(self, p, l.num_tokens) : view<uint32_t>(self, p, l.num_tokens);
 }
 
-py::tuple gather_py(const ShardSet& set, const carray<int64_t>& ids) {
+py::tuple gather_py(const ShardSet& set, const carray<int64_t>& ids, bool shift_labels) {
   require(ids.ndim() == 1, "sample ids must be 1-D");
   const uint64_t n = static_cast<uint64_t>(ids.size());
   const uint64_t total = set.count_tokens(ids.data(), n);
@@ -133,9 +134,31 @@ py::tuple gather_py(const ShardSet& set, const carray<int64_t>& ids) {
   int32_t* d = cu_seqlens.mutable_data();
   {
     py::gil_scoped_release release;
-    set.gather(ids.data(), n, a, b, c, d);
+    set.gather(ids.data(), n, shift_labels, a, b, c, d);
   }
   return py::make_tuple(input_ids, labels, position_ids, cu_seqlens);
+}
+
+// Hands a vector's buffer to NumPy without copying; the capsule frees it with the array.
+template <typename T>
+py::array_t<T> to_numpy(std::vector<T>&& v) {
+  auto* owned = new std::vector<T>(std::move(v));
+  py::capsule free_when_done(owned, [](void* p) { delete static_cast<std::vector<T>*>(p); });
+  return py::array_t<T>({static_cast<py::ssize_t>(owned->size())}, {static_cast<py::ssize_t>(sizeof(T))},
+                        owned->data(), free_when_done);
+}
+
+py::tuple plan_epoch_py(const carray<int64_t>& lengths, int64_t effective_batch_size, int64_t max_batch_len,
+                        int64_t world_size, uint64_t seed, uint64_t epoch, bool padded) {
+  require(lengths.ndim() == 1, "lengths must be 1-D");
+  const PlanOptions options{effective_batch_size, max_batch_len, world_size, seed, epoch, padded};
+  EpochPlan plan;
+  {
+    py::gil_scoped_release release;
+    plan = plan_epoch(lengths.data(), lengths.size(), options);
+  }
+  return py::make_tuple(to_numpy(std::move(plan.sample_ids)), to_numpy(std::move(plan.bin_begin)),
+                        to_numpy(std::move(plan.step_bin_begin)), to_numpy(std::move(plan.lower_bound)));
 }
 
 }  // namespace
@@ -202,5 +225,15 @@ PYBIND11_MODULE(_C, m) {
             return s.shards()[i];
           },
           py::return_value_policy::reference_internal)
-      .def("gather", &gather_py, py::arg("ids"));
+      .def("gather", &gather_py, py::arg("ids"), py::arg("shift_labels") = false);
+
+  m.def("plan_epoch", &plan_epoch_py, py::arg("lengths"), py::arg("effective_batch_size"), py::arg("max_batch_len"),
+        py::arg("world_size"), py::arg("seed"), py::arg("epoch"), py::arg("padded") = false);
+  m.def(
+      "epoch_permutation",
+      [](int64_t n, uint64_t seed, uint64_t epoch) {
+        require(n >= 0, "the number of samples must not be negative");
+        return to_numpy(epoch_permutation(n, seed, epoch));
+      },
+      py::arg("num_samples"), py::arg("seed"), py::arg("epoch"));
 }

@@ -344,19 +344,23 @@ uint64_t ShardSet::count_tokens(const int64_t* ids, uint64_t n) const {
 
 template <typename T>
 static void copy_sample(const uint8_t* tokens, const uint8_t* mask, uint64_t offset, uint64_t length,
-                        int64_t* input_ids, int64_t* labels, int64_t* position_ids) {
+                        bool shift_labels, int64_t* input_ids, int64_t* labels, int64_t* position_ids) {
   const T* src = reinterpret_cast<const T*>(tokens) + offset;
   const uint8_t* m = mask + offset;
   for (uint64_t j = 0; j < length; ++j) {
-    const int64_t id = static_cast<int64_t>(src[j]);
-    input_ids[j] = id;
-    labels[j] = m[j] ? id : -100;
+    input_ids[j] = static_cast<int64_t>(src[j]);
     position_ids[j] = static_cast<int64_t>(j);
   }
+  if (length == 0) return;
+  // Shifted: position j is scored on token j + 1; a sample's last token has no target
+  // inside the sample, so it never predicts the next sample of a packed row.
+  const uint64_t shift = shift_labels ? 1 : 0;
+  for (uint64_t j = 0; j + shift < length; ++j) labels[j] = m[j + shift] ? static_cast<int64_t>(src[j + shift]) : -100;
+  if (shift_labels) labels[length - 1] = -100;
 }
 
-void ShardSet::gather(const int64_t* ids, uint64_t n, int64_t* input_ids, int64_t* labels, int64_t* position_ids,
-                      int32_t* cu_seqlens) const {
+void ShardSet::gather(const int64_t* ids, uint64_t n, bool shift_labels, int64_t* input_ids, int64_t* labels,
+                      int64_t* position_ids, int32_t* cu_seqlens) const {
   uint64_t pos = 0;
   cu_seqlens[0] = 0;
   for (uint64_t i = 0; i < n; ++i) {
@@ -366,9 +370,9 @@ void ShardSet::gather(const int64_t* ids, uint64_t n, int64_t* input_ids, int64_
     shard->sample_range(local, &offset, &length);
     const uint8_t* tokens = shard->base() + shard->layout().tokens_offset;
     if (shard->layout().token_bytes == 2)
-      copy_sample<uint16_t>(tokens, shard->mask(), offset, length, input_ids + pos, labels + pos, position_ids + pos);
+      copy_sample<uint16_t>(tokens, shard->mask(), offset, length, shift_labels, input_ids + pos, labels + pos, position_ids + pos);
     else
-      copy_sample<uint32_t>(tokens, shard->mask(), offset, length, input_ids + pos, labels + pos, position_ids + pos);
+      copy_sample<uint32_t>(tokens, shard->mask(), offset, length, shift_labels, input_ids + pos, labels + pos, position_ids + pos);
     pos += length;
     cu_seqlens[i + 1] = static_cast<int32_t>(pos);
   }

@@ -120,9 +120,10 @@ class ShardSet {
   // Total tokens of the given samples (for sizing output buffers).
   uint64_t count_tokens(const int64_t* ids, uint64_t n) const;
   // Concatenates samples into caller-provided buffers of count_tokens() tokens:
-  // input ids, labels (the id where trained, -100 elsewhere; not shifted), positions
-  // restarting at 0 per sample, and cu_seqlens (n + 1 boundaries).
-  void gather(const int64_t* ids, uint64_t n, int64_t* input_ids, int64_t* labels,
+  // input ids, labels (the id where trained, -100 elsewhere), positions restarting at 0
+  // per sample, and cu_seqlens (n + 1 boundaries). With shift_labels, labels[j] is the
+  // target of position j (token j + 1 of the same sample, -100 at each sample's end).
+  void gather(const int64_t* ids, uint64_t n, bool shift_labels, int64_t* input_ids, int64_t* labels,
               int64_t* position_ids, int32_t* cu_seqlens) const;
 
  private:

@@ -153,9 +153,10 @@ def test_reader_views_and_gather_match_reference(tmp_path):
         assert not view.tokens.flags.writeable  # a write would fault on the read-only map
         view.verify()
     for ids in ([], [0], [53, 0, 20, 20, 21], rng.integers(0, 54, 200).tolist()):
-        got = kernels.gather(s, np.array(ids, np.int64))
-        for a, b in zip(got, ref.gather(shards, ids)):
-            np.testing.assert_array_equal(a, b)
+        for shift in (False, True):
+            got = kernels.gather(s, np.array(ids, np.int64), shift)
+            for a, b in zip(got, ref.gather(shards, ids, shift)):
+                np.testing.assert_array_equal(a, b)
     with pytest.raises(IndexError):
         kernels.gather(s, np.array([54]))
     with pytest.raises(IndexError):

@@ -40,6 +40,20 @@ def checksum64(data) -> int:
     return _C.checksum64(data)
 
 
-def gather(shards: ShardSet, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Concatenates samples: (input_ids, labels unshifted with -100, position_ids, cu_seqlens)."""
-    return shards.gather(np.ascontiguousarray(ids, dtype=np.int64))
+def gather(shards: ShardSet, ids: np.ndarray, shift_labels: bool = False
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenates samples: (input_ids, labels, position_ids, cu_seqlens). Labels are the id
+    where trained, -100 elsewhere; with `shift_labels` they are already shifted (labels[t] is
+    the target of position t, -100 at each sample's last token)."""
+    return shards.gather(np.ascontiguousarray(ids, dtype=np.int64), shift_labels)
+
+
+def plan_epoch(lengths: np.ndarray, effective_batch_size: int, max_batch_len: int, world_size: int, seed: int,
+               epoch: int, padded: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One epoch's multipack plan (csrc/packing.h): sample_ids, bin_begin, step_bin_begin, lower_bound."""
+    return _C.plan_epoch(np.ascontiguousarray(lengths, dtype=np.int64), effective_batch_size, max_batch_len,
+                         world_size, seed % 2**64, epoch % 2**64, padded)
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> np.ndarray:
+    return _C.epoch_permutation(num_samples, seed % 2**64, epoch % 2**64)

@@ -135,14 +135,27 @@ class TokenDataset:
                 if f"{shard.checksum:016x}" != entry["checksum"]:
                     raise DatasetError(f"{shard.path}: checksum differs from the manifest; re-run preprocessing")
         views = [self.shards.shard(i) for i in range(len(entries))]
-        self.lengths = np.concatenate([v.lengths for v in views]).astype(np.int64) if views else np.zeros(0, np.int64)
-        self.trained_counts = (np.concatenate([v.trained for v in views]).astype(np.int64) if views
-                               else np.zeros(0, np.int64))
-        self.source_lines = (np.concatenate([v.source_lines for v in views]).astype(np.int64) if views
-                             else np.zeros(0, np.int64))
+
+        def column(per_shard) -> np.ndarray:
+            return np.concatenate([per_shard(v) for v in views]).astype(np.int64) if views else np.zeros(0, np.int64)
+
+        self.lengths = column(lambda v: v.lengths)
+        self.trained_counts = column(lambda v: v.trained)
+        self.source_lines = column(lambda v: v.source_lines)
+        # A sample's first token has nothing before it to predict it from, so a trained
+        # first token is not a target of the shifted loss.
+        self.target_counts = self.trained_counts - column(_first_token_trained)
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    # Data-loader workers that are spawned get the path and map the shards themselves;
+    # a memory map cannot travel through pickle, and re-mapping is O(1) per shard.
+    def __getstate__(self) -> dict:
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])
 
     def __getitem__(self, i: int) -> dict:
         n = len(self)
@@ -151,13 +164,21 @@ class TokenDataset:
         input_ids, labels, _, _ = kernels.gather(self.shards, np.array([i % n]))
         return {"input_ids": input_ids, "labels": labels}
 
-    def gather(self, ids) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Samples `ids` concatenated: input_ids, labels, position_ids, cu_seqlens."""
-        return kernels.gather(self.shards, np.asarray(ids, dtype=np.int64))
+    def gather(self, ids, shift_labels: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Samples `ids` concatenated: input_ids, labels, position_ids, cu_seqlens. With
+        `shift_labels`, labels[t] is the target of position t (see kernels.gather)."""
+        return kernels.gather(self.shards, np.asarray(ids, dtype=np.int64), shift_labels)
 
     def verify(self) -> None:
         """Full integrity check (reads every byte): checksums and indexes of all shards."""
         TokenDataset(self.path, verify=True)
+
+
+def _first_token_trained(shard) -> np.ndarray:
+    trained = np.zeros(shard.num_samples, np.int64)
+    present = shard.lengths > 0
+    trained[present] = shard.mask[shard.offsets[present].astype(np.int64)]
+    return trained
 
 
 def load_dataset(path: str | Path, verify: bool = False) -> TokenDataset:
