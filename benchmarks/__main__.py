@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from . import preprocess
+from . import load, pack, preprocess
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     preprocess.add_parser(sub)
+    pack.add_parser(sub)
+    load.add_parser(sub)
     ns = parser.parse_args(argv)
     return ns.run(ns)
 

@@ -26,7 +26,7 @@ def cache_key(params: dict, *sources: Path) -> str:
     return h.hexdigest()[:10]
 
 
-def run_child(target: str, payload: dict) -> dict:
+def run_child(target: str, payload: dict, env: dict | None = None) -> dict:
     """Calls `module:function(payload)` in a fresh Python process and returns its dict.
 
     A fresh process per measurement keeps runs independent: no imports, allocator state
@@ -35,7 +35,7 @@ def run_child(target: str, payload: dict) -> dict:
     module, function = target.split(":")
     code = (f"import json, sys\nfrom {module} import {function} as f\n"
             f"print({_RESULT!r} + json.dumps(f(json.loads(sys.argv[1]))), flush=True)")
-    env = dict(os.environ)
+    env = dict(os.environ, **(env or {}))
     # Both sides run with the library defaults (the floor uses the Rust thread pool).
     env.pop("TOKENIZERS_PARALLELISM", None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))

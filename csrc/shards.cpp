@@ -342,21 +342,38 @@ uint64_t ShardSet::count_tokens(const int64_t* ids, uint64_t n) const {
   return total;
 }
 
+// Separate simple loops over non-aliasing pointers, so that each one vectorizes.
 template <typename T>
 static void copy_sample(const uint8_t* tokens, const uint8_t* mask, uint64_t offset, uint64_t length,
-                        bool shift_labels, int64_t* input_ids, int64_t* labels, int64_t* position_ids) {
-  const T* src = reinterpret_cast<const T*>(tokens) + offset;
-  const uint8_t* m = mask + offset;
-  for (uint64_t j = 0; j < length; ++j) {
-    input_ids[j] = static_cast<int64_t>(src[j]);
-    position_ids[j] = static_cast<int64_t>(j);
-  }
+                        bool shift_labels, int64_t* __restrict input_ids, int64_t* __restrict labels,
+                        int64_t* __restrict position_ids) {
+  const T* __restrict src = reinterpret_cast<const T*>(tokens) + offset;
+  const uint8_t* __restrict m = mask + offset;
+  for (uint64_t j = 0; j < length; ++j) input_ids[j] = static_cast<int64_t>(src[j]);
+  for (uint64_t j = 0; j < length; ++j) position_ids[j] = static_cast<int64_t>(j);
   if (length == 0) return;
   // Shifted: position j is scored on token j + 1; a sample's last token has no target
   // inside the sample, so it never predicts the next sample of a packed row.
   const uint64_t shift = shift_labels ? 1 : 0;
-  for (uint64_t j = 0; j + shift < length; ++j) labels[j] = m[j + shift] ? static_cast<int64_t>(src[j + shift]) : -100;
+  const T* __restrict next = src + shift;
+  const uint8_t* __restrict next_mask = m + shift;
+  for (uint64_t j = 0; j + shift < length; ++j) {  // branch-free select: masks alternate often
+    const int64_t keep = -static_cast<int64_t>(next_mask[j] != 0);
+    labels[j] = (static_cast<int64_t>(next[j]) & keep) | (int64_t{-100} & ~keep);
+  }
   if (shift_labels) labels[length - 1] = -100;
+}
+
+void ShardSet::prefetch_sample(int64_t id) const {
+  const Shard* shard;
+  uint64_t local, offset, length;
+  locate(id, &shard, &local);
+  shard->sample_range(local, &offset, &length);
+  const uint64_t token_bytes = shard->layout().token_bytes;
+  const uint8_t* tokens = shard->base() + shard->layout().tokens_offset + offset * token_bytes;
+  const uint8_t* mask = shard->mask() + offset;
+  for (uint64_t b = 0; b < std::min<uint64_t>(length * token_bytes, 2048); b += 64) __builtin_prefetch(tokens + b);
+  for (uint64_t b = 0; b < std::min<uint64_t>(length, 1024); b += 64) __builtin_prefetch(mask + b);
 }
 
 void ShardSet::gather(const int64_t* ids, uint64_t n, bool shift_labels, int64_t* input_ids, int64_t* labels,
@@ -366,6 +383,7 @@ void ShardSet::gather(const int64_t* ids, uint64_t n, bool shift_labels, int64_t
   for (uint64_t i = 0; i < n; ++i) {
     const Shard* shard;
     uint64_t local, offset, length;
+    if (i + 1 < n) prefetch_sample(ids[i + 1]);  // samples sit at random places in the maps
     locate(ids[i], &shard, &local);
     shard->sample_range(local, &offset, &length);
     const uint8_t* tokens = shard->base() + shard->layout().tokens_offset;

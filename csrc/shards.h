@@ -128,6 +128,7 @@ class ShardSet {
 
  private:
   void locate(int64_t id, const Shard** shard, uint64_t* local) const;
+  void prefetch_sample(int64_t id) const;
   std::vector<Shard> shards_;
   std::vector<uint64_t> sample_begin_;  // global number of each shard's first sample, + total
 };
