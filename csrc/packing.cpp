@@ -8,6 +8,31 @@
 namespace instructpack {
 namespace {
 
+// Sorts a step's samples by length, longest first, keeping equal lengths in the given
+// order: an LSD radix sort on the length's bytes (stable, O(n) per byte that varies).
+void longest_first(const int64_t* lengths, const int64_t* step, int64_t n, std::vector<int64_t>& ids,
+                   std::vector<int64_t>& lens, std::vector<int64_t>& scratch) {
+  ids.assign(step, step + n);
+  lens.resize(n);
+  int64_t longest = 0;
+  for (int64_t i = 0; i < n; ++i) longest = std::max(longest, lens[i] = lengths[step[i]]);
+  scratch.resize(2 * n);
+  int64_t* tmp_ids = scratch.data();
+  int64_t* tmp_lens = scratch.data() + n;
+  for (int shift = 0; shift < 64 && (longest >> shift) > 0; shift += 8) {
+    int64_t start[257] = {};
+    for (int64_t i = 0; i < n; ++i) ++start[256 - ((lens[i] >> shift) & 0xFF)];  // descending digits
+    for (int d = 1; d <= 256; ++d) start[d] += start[d - 1];
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t at = start[255 - ((lens[i] >> shift) & 0xFF)]++;
+      tmp_ids[at] = ids[i];
+      tmp_lens[at] = lens[i];
+    }
+    std::copy(tmp_ids, tmp_ids + n, ids.begin());
+    std::copy(tmp_lens, tmp_lens + n, lens.begin());
+  }
+}
+
 struct SplitMix64 {
   uint64_t state;
   uint64_t next() {
@@ -75,31 +100,53 @@ bool worst_fit(const int64_t* lengths, int64_t n, int64_t num_bins, int64_t cap,
 // least-loaded rank (ties: lowest rank) that has room, into that rank's fullest bin that
 // still fits it (ties: lowest bin). Tight bins leave room for the long samples to come,
 // while the rank choice keeps the ranks' totals level.
+//
+// Token budgets: a bin fits when load <= cap - length, so each rank keeps its bins sorted
+// by (load descending, index) and the best fit is a binary search. Padded budgets are not
+// monotone in the load (a bin's cost depends on its longest sample), so they scan.
 bool best_fit_by_rank(const int64_t* lengths, int64_t n, int64_t world_size, int64_t m, int64_t cap, bool padded,
                       std::vector<Bin>& bins, std::vector<int64_t>& bin_of) {
   bins.assign(world_size * m, Bin{});
   std::vector<int64_t> rank_load(world_size, 0);
+  std::vector<int64_t> sorted(world_size * m);  // per rank: its bins by (load desc, index)
+  std::iota(sorted.begin(), sorted.end(), 0);
+  auto fuller = [&](int64_t a, int64_t b) { return bins[a].load > bins[b].load || (bins[a].load == bins[b].load && a < b); };
   for (int64_t i = 0; i < n; ++i) {
-    int64_t best_rank = -1, best_bin = -1;
+    const int64_t x = lengths[i];
+    int64_t best_rank = -1, best_bin = -1, best_at = -1;
     for (int64_t r = 0; r < world_size; ++r) {
       if (best_rank >= 0 && rank_load[r] >= rank_load[best_rank]) continue;
-      int64_t fit = -1, fit_load = 0;
-      for (int64_t b = r * m; b < (r + 1) * m; ++b) {
-        const int64_t after = load_after(bins[b], lengths[i], padded);
-        if (after <= cap && (fit < 0 || after > fit_load)) {
-          fit = b;
-          fit_load = after;
+      int64_t fit = -1, fit_at = -1;
+      if (!padded) {
+        const auto first = sorted.begin() + r * m, last = first + m;
+        const auto at = std::partition_point(first, last, [&](int64_t b) { return bins[b].load > cap - x; });
+        if (at != last) {
+          fit = *at;
+          fit_at = at - sorted.begin();
+        }
+      } else {
+        int64_t fit_load = 0;
+        for (int64_t b = r * m; b < (r + 1) * m; ++b) {
+          const int64_t after = load_after(bins[b], x, padded);
+          if (after <= cap && (fit < 0 || after > fit_load)) {
+            fit = b;
+            fit_load = after;
+          }
         }
       }
       if (fit >= 0) {
         best_rank = r;
         best_bin = fit;
+        best_at = fit_at;
       }
     }
     if (best_bin < 0) return false;
-    rank_load[best_rank] += load_after(bins[best_bin], lengths[i], padded) - bins[best_bin].load;
-    place(bins[best_bin], lengths[i], padded);
+    rank_load[best_rank] += load_after(bins[best_bin], x, padded) - bins[best_bin].load;
+    place(bins[best_bin], x, padded);
     bin_of[i] = best_bin;
+    if (!padded)  // the bin grew: move it forward to keep its rank's order
+      for (int64_t at = best_at; at > best_rank * m && fuller(sorted[at], sorted[at - 1]); --at)
+        std::swap(sorted[at], sorted[at - 1]);
   }
   return true;
 }
@@ -133,16 +180,14 @@ EpochPlan plan_epoch(const int64_t* lengths, int64_t num_samples, const PlanOpti
   plan.bin_begin.push_back(0);
   plan.step_bin_begin.push_back(0);
 
-  std::vector<int64_t> ids, lens, bin_of, fill, bin_order;
+  std::vector<int64_t> ids, lens, bin_of, fill, bin_order, scratch;
   std::vector<Bin> bins;
   for (int64_t first = 0; first < num_samples; first += o.effective_batch_size) {
     const int64_t n = std::min(o.effective_batch_size, num_samples - first);
-    // Longest first; the stable sort keeps equal lengths in permutation order.
-    ids.assign(order.begin() + first, order.begin() + first + n);
-    std::stable_sort(ids.begin(), ids.end(), [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
-    lens.resize(n);
+    // Longest first, equal lengths in permutation order.
+    longest_first(lengths, order.data() + first, n, ids, lens, scratch);
     int64_t tokens = 0;
-    for (int64_t i = 0; i < n; ++i) tokens += lens[i] = lengths[ids[i]];
+    for (int64_t i = 0; i < n; ++i) tokens += lens[i];
     const int64_t lower = std::max<int64_t>(1, (tokens + W * cap - 1) / (W * cap));
 
     bin_of.resize(n);

@@ -143,6 +143,18 @@ def test_hand_computed_plans_and_stats():
     assert "micro-batches per rank" in plan.stats(s.lengths).summary()
 
 
+def test_best_fit_takes_over_when_worst_fit_cannot_reach_the_bound():
+    # 20 tokens in bins of 10: worst fit levels the bins at 9 and 9 and then has no room for
+    # the last 2; best fit puts 3 beside the 7 and fills both bins exactly.
+    lengths = np.array([7, 3, 3, 3, 2, 2])
+    s = MultipackSampler(lengths, effective_batch_size=6, max_batch_len=10)
+    plan = s.plan(0)
+    assert plan.micro_batches(0) == 2
+    assert sorted(sorted(lengths[plan.micro_batch(0, 0, j)].tolist()) for j in range(2)) == [[2, 2, 3, 3], [3, 7]]
+    for got, want in zip(kernels.plan_epoch(lengths, 6, 10, 1, 42, 0), ref.plan_epoch(lengths, 6, 10, 1, 42, 0)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_padded_budget_counts_the_longest_sample_times_the_count():
     lengths = np.array([8, 2, 2, 2, 2])
     s = MultipackSampler(lengths, effective_batch_size=5, max_batch_len=16, padded=True)
