@@ -1,5 +1,6 @@
 """`python -m instructpack.demo`: builds the bundled example (a tiny tokenizer with a
-ChatML template and generated chat data), preprocesses it and prints the summary."""
+ChatML template and generated chat data), preprocesses it, prints the summary and plans
+an epoch of multipack micro-batches over it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from . import DataProcessArgs, data_process, load_dataset
+from .data.sampler import MultipackSampler
 from .examples import build_tokenizer, generate_conversations, write_jsonl
 
 
@@ -26,6 +28,10 @@ def main(argv: list[str] | None = None) -> None:
     sample = ds[0]
     print(f"sample 0: {len(sample['input_ids'])} tokens, {(sample['labels'] != -100).sum()} trained, "
           f"from line {ds.source_lines[0]}")
+    sampler = MultipackSampler(ds.lengths, effective_batch_size=128, max_batch_len=8192, world_size=2,
+                               target_counts=ds.target_counts)
+    print(f"multipack, 2 ranks, 128 samples per step, 8192 tokens per micro-batch: {sampler.steps_per_epoch} steps; "
+          + sampler.plan(0).stats(ds.lengths).summary())
 
 
 if __name__ == "__main__":
