@@ -155,6 +155,17 @@ def test_best_fit_takes_over_when_worst_fit_cannot_reach_the_bound():
         np.testing.assert_array_equal(got, want)
 
 
+def test_each_epoch_plan_is_logged_with_its_stats(caplog):
+    s = MultipackSampler(np.full(4, 5), effective_batch_size=4, max_batch_len=10, world_size=2)
+    with caplog.at_level("INFO", logger="instructpack.data.sampler"):
+        s.plan(0)
+        s.plan(0)  # cached: not planned or logged again
+        s.plan(1)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"epoch {e}: 1 steps, 1 micro-batches per rank (lower bound 1, +0.00%), fill 100.0%, rank imbalance 0.00% "
+        "(worst step 0.00%)" for e in (0, 1)]
+
+
 def test_padded_budget_counts_the_longest_sample_times_the_count():
     lengths = np.array([8, 2, 2, 2, 2])
     s = MultipackSampler(lengths, effective_batch_size=5, max_batch_len=16, padded=True)

@@ -56,7 +56,7 @@ class StepLoader:
                  pin_memory: bool = False, multiprocessing_context: str | None = None, pad_token_id: int = 0):
         # pad_token_id (padded plans only) just has to be a valid embedding row: padded
         # positions are masked out of attention and carry no target.
-        if sampler.target_counts is None:
+        if sampler.target_counts is None:  # the step's loss denominator comes from the dataset
             sampler.target_counts = dataset.target_counts
         self.sampler = sampler
         self.loader = torch.utils.data.DataLoader(

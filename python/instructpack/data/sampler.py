@@ -7,12 +7,15 @@ the settings, looks plan entries up in O(1), reports how good a plan is, and kee
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
 
 from .. import kernels
+
+log = logging.getLogger(__name__)
 
 
 class PlanError(ValueError):
@@ -168,9 +171,12 @@ class MultipackSampler:
 
     def plan(self, epoch: int) -> EpochPlan:
         if epoch not in self._plans:
-            self._plans = {epoch: EpochPlan(epoch, self.world_size, self.max_batch_len, *kernels.plan_epoch(
+            plan = EpochPlan(epoch, self.world_size, self.max_batch_len, *kernels.plan_epoch(
                 self.lengths, self.effective_batch_size, self.max_batch_len, self.world_size, self.seed, epoch,
-                self.padded))}  # keep one epoch: a plan of 1M samples is ~10 MB
+                self.padded))
+            self._plans = {epoch: plan}  # keep one epoch: a plan of 1M samples is ~10 MB
+            if log.isEnabledFor(logging.INFO):  # the stats cost ~10 ms per million samples
+                log.info("epoch %d: %d steps, %s", epoch, plan.num_steps, plan.stats(self.lengths).summary())
         return self._plans[epoch]
 
     def step_targets(self, plan: EpochPlan, step: int) -> int:
