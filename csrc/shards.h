@@ -111,12 +111,19 @@ class Shard {
   size_t mapped_ = 0;
 };
 
+// Where one sample's tokens lie: its shard and its range there (bounds-checked).
+struct SampleSpan {
+  const Shard* shard = nullptr;
+  uint64_t offset = 0, length = 0;
+};
+
 // Several shards seen as one dataset with global sample numbers.
 class ShardSet {
  public:
   explicit ShardSet(const std::vector<std::string>& paths);
   uint64_t num_samples() const { return sample_begin_.back(); }
   const std::vector<Shard>& shards() const { return shards_; }
+  SampleSpan span(int64_t id) const;
   // Total tokens of the given samples (for sizing output buffers).
   uint64_t count_tokens(const int64_t* ids, uint64_t n) const;
   // Concatenates samples into caller-provided buffers of count_tokens() tokens:
@@ -128,7 +135,6 @@ class ShardSet {
 
  private:
   void locate(int64_t id, const Shard** shard, uint64_t* local) const;
-  void prefetch_sample(int64_t id) const;
   std::vector<Shard> shards_;
   std::vector<uint64_t> sample_begin_;  // global number of each shard's first sample, + total
 };
