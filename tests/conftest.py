@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from instructpack.examples import TextGenerator, build_tokenizer
+from instructpack import DataProcessArgs, data_process
+from instructpack.examples import TextGenerator, build_tokenizer, write_jsonl
 
 TEMPLATE_STYLES = ("chatml", "llama3", "granite")
 
@@ -22,6 +23,15 @@ def tokenizer_dirs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tokenizers")
     return {style: build_tokenizer(root / style, template=style, vocab_size=600, corpus_words=20_000)
             for style in TEMPLATE_STYLES}
+
+
+def preprocess(tmp_path, model, samples, name="out", **kw):
+    """Writes `samples` as JSONL under tmp_path and preprocesses them into tmp_path/name."""
+    data = write_jsonl(tmp_path / f"{name}.jsonl", samples)
+    args = dict(data_path=str(data), data_output_path=str(tmp_path / name), model_path=str(model), max_seq_len=4096,
+                num_cpu_procs=2)
+    args.update(kw)
+    return data_process.main(DataProcessArgs(**args), progress=False)
 
 
 def tricky_conversations(n: int, seed: int = 0) -> list[dict]:

@@ -7,24 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tricky_conversations
-from instructpack import data_process
-from instructpack.config import DataProcessArgs
+from conftest import preprocess, tricky_conversations
 from instructpack.data.collate import collate_packed, collate_padded
 from instructpack.data.loader import StepLoader
 from instructpack.data.sampler import MicroBatchRef, MultipackSampler
 from instructpack.data.shards import load_dataset
-from instructpack.examples import write_jsonl
 
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory, tokenizer_dirs):
-    root = tmp_path_factory.mktemp("loader")
-    data = write_jsonl(root / "train.jsonl", tricky_conversations(240, seed=11))
-    out = data_process.main(DataProcessArgs(data_path=str(data), data_output_path=str(root / "ds"),
-                                            model_path=str(tokenizer_dirs["chatml"]), max_seq_len=4096,
-                                            num_cpu_procs=1))
+    out = preprocess(tmp_path_factory.mktemp("loader"), tokenizer_dirs["chatml"], tricky_conversations(240, seed=11),
+                     num_cpu_procs=1)
     return load_dataset(out.output_path)
 
 

@@ -8,17 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import TEMPLATE_STYLES, tricky_conversations
+from conftest import TEMPLATE_STYLES, preprocess, tricky_conversations
 from instructpack import DataProcessArgs, data_process, load_dataset
 from instructpack.examples import END_OF_TURN, write_jsonl
-
-
-def _run(tmp_path, model, samples, name="out", **kw):
-    data = write_jsonl(tmp_path / f"{name}.jsonl", samples)
-    args = dict(data_path=str(data), data_output_path=str(tmp_path / name), model_path=str(model), max_seq_len=4096,
-                num_cpu_procs=2)
-    args.update(kw)
-    return data_process.main(DataProcessArgs(**args), progress=False)
 
 
 def _expected_trained_text(style: str, sample: dict) -> list[str]:
@@ -60,7 +52,7 @@ def test_ids_equal_transformers_and_labels_cover_exactly_the_trained_text(tmp_pa
 
     model = tokenizer_dirs[style]
     samples = tricky_conversations(300, seed=TEMPLATE_STYLES.index(style))
-    result = _run(tmp_path, model, samples)
+    result = preprocess(tmp_path, model, samples)
     ds = load_dataset(result.output_path)
     tok = AutoTokenizer.from_pretrained(model)
     assert len(ds) == len(samples) - result.manifest["counts"]["dropped"]["no_trained_tokens"]
@@ -82,7 +74,7 @@ def test_ids_equal_transformers_and_labels_cover_exactly_the_trained_text(tmp_pa
 def test_reasoning_that_the_template_drops_keeps_the_end_of_turn_label(tmp_path, tokenizer_dirs):
     sample = {"messages": [{"role": "user", "content": "Question?"},
                            {"role": "assistant", "content": "Answer.", "reasoning_content": "thinking hard"}]}
-    ds = load_dataset(_run(tmp_path, tokenizer_dirs["llama3"], [sample]).output_path)
+    ds = load_dataset(preprocess(tmp_path, tokenizer_dirs["llama3"], [sample]).output_path)
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_dirs["llama3"] / "tokenizer.json"))
@@ -129,7 +121,7 @@ def test_non_byte_level_tokenizer_uses_character_offsets(tmp_path):
 
     assert byte_length_table(tok) is None
     sample = {"messages": [{"role": "user", "content": "ka lo mi"}, {"role": "assistant", "content": "ne su ta"}]}
-    ds = load_dataset(_run(tmp_path, model, [sample]).output_path)
+    ds = load_dataset(preprocess(tmp_path, model, [sample]).output_path)
     item = ds[0]
     trained = [int(t) for t, lab in zip(item["input_ids"], item["labels"]) if lab != -100]
     assert tok.decode(trained, skip_special_tokens=False).replace("▁", " ").strip() == "ne su ta<|im_end|>"
@@ -143,7 +135,7 @@ def test_drop_rules_are_counted_never_truncated(tmp_path, tokenizer_dirs):
         {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},  # short
         {"messages": [{"role": "user", "content": "ka lo mi ne"}, {"role": "assistant", "content": "su ta ri"}]},
     ]
-    result = _run(tmp_path, model, samples, max_seq_len=100, min_seq_len=24)  # the short one has 21 tokens, the kept one 26
+    result = preprocess(tmp_path, model, samples, max_seq_len=100, min_seq_len=24)  # the short one has 21 tokens, the kept one 26
     counts = result.manifest["counts"]
     assert counts["dropped"] == {"too_long": 1, "too_short": 1, "no_trained_tokens": 1}
     ds = load_dataset(result.output_path)
@@ -158,14 +150,14 @@ def test_unmask_trains_user_turns_but_not_system(tmp_path, tokenizer_dirs):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_dirs["granite"] / "tokenizer.json"))
-    item = load_dataset(_run(tmp_path, tokenizer_dirs["granite"], [sample]).output_path)[0]
+    item = load_dataset(preprocess(tmp_path, tokenizer_dirs["granite"], [sample]).output_path)[0]
     runs = [tok.decode(r, skip_special_tokens=False) for r in _trained_runs(item["input_ids"], item["labels"])]
     assert runs == ["USR<|end_of_text|>", "ASST<|end_of_text|>"]
 
 
 def test_manifest_and_dataset_reader(tmp_path, tokenizer_dirs):
     samples = tricky_conversations(50, seed=3)
-    result = _run(tmp_path, tokenizer_dirs["chatml"], samples)
+    result = preprocess(tmp_path, tokenizer_dirs["chatml"], samples)
     m = result.manifest
     assert m["format"] == "instructpack-shards" and m["format_version"] == 1
     assert m["tokenizer"]["token_dtype"] == "uint16"
@@ -182,7 +174,7 @@ def test_manifest_and_dataset_reader(tmp_path, tokenizer_dirs):
 
 def test_many_shards_read_as_one_dataset(tmp_path, tokenizer_dirs):
     samples = tricky_conversations(120, seed=4)
-    one = load_dataset(_run(tmp_path, tokenizer_dirs["chatml"], samples, name="one").output_path)
+    one = load_dataset(preprocess(tmp_path, tokenizer_dirs["chatml"], samples, name="one").output_path)
     data = write_jsonl(tmp_path / "many.jsonl", samples)
     result = data_process.main(DataProcessArgs(data_path=str(data), data_output_path=str(tmp_path / "many"),
                                                model_path=str(tokenizer_dirs["chatml"]), max_seq_len=4096),
@@ -197,8 +189,8 @@ def test_many_shards_read_as_one_dataset(tmp_path, tokenizer_dirs):
 
 def test_single_process_equals_parallel(tmp_path, tokenizer_dirs):
     samples = tricky_conversations(150, seed=5)
-    a = _run(tmp_path, tokenizer_dirs["llama3"], samples, name="a", num_cpu_procs=1)
-    b = _run(tmp_path, tokenizer_dirs["llama3"], samples, name="b", num_cpu_procs=2)
+    a = preprocess(tmp_path, tokenizer_dirs["llama3"], samples, name="a", num_cpu_procs=1)
+    b = preprocess(tmp_path, tokenizer_dirs["llama3"], samples, name="b", num_cpu_procs=2)
     for x, y in zip(load_dataset(a.output_path).shards.gather(np.arange(a.manifest["counts"]["samples"])),
                     load_dataset(b.output_path).shards.gather(np.arange(b.manifest["counts"]["samples"]))):
         np.testing.assert_array_equal(x, y)
@@ -230,7 +222,7 @@ def test_other_template_families_from_a_template_file(tmp_path, tokenizer_dirs, 
                              {"role": "assistant", "content": f"answer {i} mi ne"},
                              {"role": "user", "content": "again?"},
                              {"role": "assistant", "content": "Yes 🙂 su ta"}]} for i in range(20)]
-    ds = load_dataset(_run(tmp_path, model, samples, chat_tmpl_path=str(path)).output_path)
+    ds = load_dataset(preprocess(tmp_path, model, samples, chat_tmpl_path=str(path)).output_path)
     tok = Tokenizer.from_file(str(model / "tokenizer.json"))
     assert len(ds) == 20
     for i in range(20):
@@ -254,6 +246,6 @@ def test_nfc_normalizing_tokenizer_with_decomposed_text_keeps_exact_labels(tmp_p
     tok.save(str(model / "tokenizer.json"))
     answer = "cafe\u0301 ka lo"  # decomposed é: NFC changes it
     sample = {"messages": [{"role": "user", "content": "ne\u0301 su"}, {"role": "assistant", "content": answer}]}
-    item = load_dataset(_run(tmp_path, model, [sample]).output_path)[0]
+    item = load_dataset(preprocess(tmp_path, model, [sample]).output_path)[0]
     runs = [tok.decode(r, skip_special_tokens=False) for r in _trained_runs(item["input_ids"], item["labels"])]
     assert runs == [unicodedata.normalize("NFC", answer) + "<|im_end|>"]
