@@ -147,3 +147,22 @@ def test_dataset_pickles_as_its_path(dataset):
     assert len(pickle.dumps(dataset)) < 1000  # the path, not the mapped tokens
     np.testing.assert_array_equal(again.lengths, dataset.lengths)
     np.testing.assert_array_equal(again.gather([1, 2])[0], dataset.gather([1, 2])[0])
+
+
+def test_to_moves_every_tensor_and_keeps_the_counts(dataset):
+    mb = collate_padded(dataset, _ref([1, 2, 3], step_targets=9), pad_token_id=0)
+    moved = mb.to("meta")
+    for name in ("input_ids", "position_ids", "shift_labels", "cu_seqlens", "attention_mask"):
+        assert getattr(moved, name).device.type == "meta" and getattr(mb, name).device.type == "cpu"
+        assert getattr(moved, name).shape == getattr(mb, name).shape
+    assert (moved.num_samples, moved.num_tokens, moved.num_targets, moved.step_targets, moved.max_seqlen) == \
+        (mb.num_samples, mb.num_tokens, mb.num_targets, mb.step_targets, mb.max_seqlen)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a CUDA device")
+def test_pinned_loading(dataset):
+    steps = list(StepLoader(dataset, _sampler(dataset), num_workers=1, pin_memory=True))
+    mb = steps[0].micro_batches[0]
+    assert mb.input_ids.is_pinned() and mb.shift_labels.is_pinned()
+    assert mb.to("cuda", non_blocking=True).input_ids.is_cuda
