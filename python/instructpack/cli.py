@@ -47,14 +47,36 @@ def preprocess_main(argv: list[str] | None = None) -> int:
     return _run_preprocess(parser.parse_args(argv))
 
 
+def _plot_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("ckpt_output_dir", metavar="CKPT_OUTPUT_DIR",
+                        help="the run's ckpt_output_dir (holding metrics.jsonl), or the metrics file")
+    parser.add_argument("-o", "--output", default=None, help="PNG to write (default: CKPT_OUTPUT_DIR/metrics.png)")
+    return parser
+
+
+def _run_plot(ns: argparse.Namespace) -> int:
+    from .train.plot import plot_metrics  # other commands never load the training package
+
+    try:
+        path = plot_metrics(ns.ckpt_output_dir, ns.output)
+    except (ValueError, OSError, ImportError) as e:
+        print(f"instructpack plot: error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """`instructpack <command>`."""
     parser = argparse.ArgumentParser(prog="instructpack")
     sub = parser.add_subparsers(dest="command", required=True)
     _preprocess_parser(sub.add_parser("preprocess", help="messages JSONL -> token shards"))
+    _plot_parser(sub.add_parser("plot", help="metrics.jsonl -> PNG of loss, throughput and learning rate"))
     ns = parser.parse_args(argv)
     if ns.command == "preprocess":
         return _run_preprocess(ns)
+    if ns.command == "plot":
+        return _run_plot(ns)
     return 2
 
 

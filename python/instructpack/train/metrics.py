@@ -1,0 +1,271 @@
+"""Training metrics: one JSON line per optimizer step in ckpt_output_dir/metrics.jsonl, the
+same numbers forwarded to TensorBoard / Weights & Biases / MLflow when `logger_type` asks for
+them, and a console progress bar. Importing this module does not import torch."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from ..config import TrainingArgs
+
+__all__ = [
+    "METRICS_FILENAME", "RECORD_FIELDS", "MetricsFileError", "MetricsLogger", "MissingSinkError",
+    "ProgressBar", "metrics_file", "peak_memory_mib", "read_metrics",
+]
+
+METRICS_FILENAME = "metrics.jsonl"
+
+# The fields of one record, in order; one record per optimizer step, written by rank 0.
+# "All ranks" values are summed over every process; "per rank" ones are what one process did.
+RECORD_FIELDS = (
+    "epoch",                 # 0-based epoch index (int)
+    "step",                  # global optimizer step, 1-based (int)
+    "loss",                  # mean loss per trained (unmasked) token over the whole step (float)
+    "lr",                    # learning rate used for this step (float)
+    "grad_norm",             # total gradient L2 norm before clipping (float)
+    "samples",               # samples in this step, all ranks (int)
+    "total_samples",         # samples seen since training started, this step included (int)
+    "tokens",                # tokens in this step, all ranks (int)
+    "trained_tokens",        # tokens that carry loss in this step, all ranks (int)
+    "tokens_per_s",          # tokens / step_time_s (float, tokens per second)
+    "trained_tokens_per_s",  # trained_tokens / step_time_s (float, tokens per second)
+    "samples_per_s",         # samples / step_time_s (float, samples per second)
+    "step_time_s",           # wall time of this step (float, seconds)
+    "micro_batches",         # forward/backward passes per rank in this step (int)
+    "peak_memory_mib",       # peak memory, max over ranks (float, MiB = 2**20 bytes)
+    "elapsed_s",             # wall time since training started (float, seconds)
+)
+
+_TAG_PREFIX = "train/"
+
+
+class MissingSinkError(ImportError):
+    """A metrics sink named in `training_args.logger_type` needs a package that is not installed."""
+
+
+class MetricsFileError(ValueError):
+    """metrics.jsonl has a line that is not a JSON object."""
+
+
+def metrics_file(path: str | Path) -> Path:
+    """The metrics file itself, given either it or the directory holding it."""
+    path = Path(path)
+    return path / METRICS_FILENAME if path.is_dir() else path
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics.jsonl file (or of the directory holding one), in file order."""
+    file = metrics_file(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: no metrics file here (training writes {METRICS_FILENAME} "
+                                "into ckpt_output_dir)") from None
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                # No newline after it: a write cut short by a crash, or one still under way
+                # while training runs. Every line before it is complete.
+                break
+            raise MetricsFileError(f"{file}:{number}: not valid JSON ({exc.msg}, column {exc.colno}); "
+                                   "the file is corrupt: fix or delete that line") from None
+        if not isinstance(record, dict):
+            raise MetricsFileError(f"{file}:{number}: expected a JSON object, got "
+                                   f"{type(record).__name__}; fix or delete that line")
+        records.append(record)
+    return records
+
+
+def _numeric_fields(record: dict) -> dict[str, float]:
+    # Sinks chart numbers only; bool is an int subclass but not a metric. The step is the x axis.
+    return {_TAG_PREFIX + k: v for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+class _TensorBoardSink:
+    def __init__(self, module: Any, log_dir: Path):
+        self._writer = module.SummaryWriter(log_dir=str(log_dir))
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        for tag, value in scalars.items():
+            self._writer.add_scalar(tag, value, global_step=step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class _WandbSink:
+    def __init__(self, module: Any, args: TrainingArgs, run_config: dict | None):
+        self._wandb = module
+        module.init(project=args.wandb_project, entity=args.wandb_entity, name=args.wandb_run_name,
+                    config=run_config)
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self._wandb.log(scalars, step=step)
+
+    def close(self) -> None:
+        self._wandb.finish()
+
+
+class _MlflowSink:
+    def __init__(self, module: Any, args: TrainingArgs):
+        self._mlflow = module
+        if args.mlflow_tracking_uri:
+            module.set_tracking_uri(args.mlflow_tracking_uri)
+        if args.mlflow_experiment_name:
+            module.set_experiment(args.mlflow_experiment_name)
+        module.start_run(run_name=args.mlflow_run_name)
+
+    def log(self, scalars: dict[str, float], step: int) -> None:
+        self._mlflow.log_metrics(scalars, step=step)
+
+    def close(self) -> None:
+        self._mlflow.end_run()
+
+
+# sink -> (module to import, pip package)
+_SINK_MODULES = {
+    "tensorboard": ("torch.utils.tensorboard", "tensorboard"),
+    "wandb": ("wandb", "wandb"),
+    "mlflow": ("mlflow", "mlflow"),
+}
+
+
+def _chosen_sinks(logger_type: str) -> list[str]:
+    names = [s.strip() for s in logger_type.split(",")]
+    return [s for s in dict.fromkeys(names) if s in _SINK_MODULES]  # "async" is the JSONL file
+
+
+def _import_sink(name: str, logger_type: str) -> Any:
+    module, package = _SINK_MODULES[name]
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise MissingSinkError(
+            f"training_args.logger_type = {logger_type!r}: the {name!r} metrics sink needs the "
+            f"{package} package, which is not installed ({exc}); pip install {package}, or remove "
+            f"{name!r} from logger_type") from exc
+
+
+def _drop_partial_last_line(file: Path) -> None:
+    # A crash mid-write can leave a line without its newline; appending to it would corrupt
+    # the first record of the resumed run as well.
+    data = file.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with file.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+class MetricsLogger:
+    """Writes each step's record to output_dir/metrics.jsonl (fresh: truncated; resume: appended)
+    and to the sinks `args.logger_type` names. Only rank 0 should create one."""
+
+    def __init__(self, output_dir: str | Path, args: TrainingArgs, *, run_config: dict | None = None,
+                 resume: bool = False):
+        output_dir = Path(output_dir)
+        # Import every sink first, so a missing package fails before anything is created.
+        modules = {name: _import_sink(name, args.logger_type) for name in _chosen_sinks(args.logger_type)}
+        output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = output_dir / METRICS_FILENAME
+        if resume and self.path.exists():
+            _drop_partial_last_line(self.path)
+        self._file = self.path.open("a" if resume else "w", encoding="utf-8")
+        self._sinks: list = []
+        self._closed = False
+        try:
+            for name, module in modules.items():
+                if name == "tensorboard":
+                    self._sinks.append(_TensorBoardSink(module, Path(args.tensorboard_log_dir or
+                                                                     output_dir / "tensorboard")))
+                elif name == "wandb":
+                    self._sinks.append(_WandbSink(module, args, run_config))
+                else:
+                    self._sinks.append(_MlflowSink(module, args))
+        except BaseException:
+            self.close()
+            raise
+
+    def log(self, record: dict) -> None:
+        """Appends `record` (the RECORD_FIELDS) as one line, flushed, and forwards its numbers."""
+        if self._closed:
+            raise ValueError(f"MetricsLogger for {self.path} is closed")
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()  # a crash later still leaves every logged line complete
+        if self._sinks:
+            if "step" not in record:
+                raise ValueError(f"metrics record has no 'step' field (needed by the "
+                                 f"{len(self._sinks)} extra sinks): {record}")
+            scalars = _numeric_fields(record)
+            for sink in self._sinks:
+                sink.log(scalars, record["step"])
+
+    def close(self) -> None:
+        """Closes the file and every sink; closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        first_error = None
+        for closer in [self._file.close] + [sink.close for sink in self._sinks]:
+            try:
+                closer()
+            except Exception as exc:  # close the others anyway, then report the first failure
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _format_rate(value: float) -> str:
+    return f"{value / 1000:.1f}k" if value >= 10_000 else f"{value:.0f}"
+
+
+class ProgressBar:
+    """A console bar over optimizer steps (stderr); shows loss and tokens/s. Disabled: silent."""
+
+    def __init__(self, total_steps: int, enabled: bool, initial: int = 0):
+        self._bar = tqdm(total=total_steps, initial=initial, disable=not enabled, file=sys.stderr,
+                         dynamic_ncols=True, unit="step")
+
+    def update(self, record: dict) -> None:
+        """Advances one step; `record` is the step's metrics record."""
+        postfix = {}
+        if record.get("loss") is not None:
+            postfix["loss"] = f"{record['loss']:.4g}"  # "nan"/"inf" show as such
+        if record.get("tokens_per_s") is not None:
+            postfix["tok/s"] = _format_rate(record["tokens_per_s"])
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(1)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def peak_memory_mib(device: Any) -> float:
+    """Peak memory of this process in MiB: CUDA memory allocated by torch on a CUDA device,
+    otherwise the peak resident set size of the process."""
+    import torch  # only the training worker asks, and it has torch loaded already
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
