@@ -1,0 +1,58 @@
+"""Synthetic token datasets in the preprocessed format: random tokens of given lengths.
+
+Used by `mock_data` training (throughput runs without a dataset) and by the benchmarks.
+The output is written next to `out` and renamed into place, like preprocessing output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from .shards import FORMAT, FORMAT_VERSION, ShardSequenceWriter, TokenDataset, load_dataset, token_dtype_for, \
+    write_manifest
+
+
+def write_synthetic_dataset(out: str | Path, lengths: np.ndarray, vocab_size: int, *, seed: int = 0,
+                            trained: str = "all") -> TokenDataset:
+    """Samples of `lengths` tokens drawn uniformly from [0, vocab_size). `trained="all"`
+    trains every token; `"runs"` alternates untrained and trained runs of 20-400 tokens,
+    like prompts and answers."""
+    if trained not in ("all", "runs"):
+        raise ValueError(f"trained must be 'all' or 'runs', got {trained!r}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) == 0 or lengths.min() < 1:
+        raise ValueError("a synthetic dataset needs at least one sample, each at least 1 token long")
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    total = int(lengths.sum())
+    dtype = token_dtype_for(vocab_size)
+    tokens = rng.integers(0, vocab_size, total, dtype=dtype)
+    if trained == "all":
+        mask = np.ones(total, np.uint8)
+    else:
+        runs = rng.integers(20, 400, total // 20 + 2)
+        mask = (np.repeat(np.arange(len(runs)) % 2, runs)[:total]).astype(np.uint8)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    trained_counts = np.add.reduceat(mask.astype(np.int64), starts)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        writer = ShardSequenceWriter(tmp, dtype)
+        writer.append(tokens, mask, lengths.astype(np.uint32), trained_counts.astype(np.uint32),
+                      np.arange(1, len(lengths) + 1))
+        write_manifest(tmp, {"format": FORMAT, "format_version": FORMAT_VERSION, "shards": writer.close(),
+                             "tokenizer": {"vocab_size": vocab_size}, "synthetic": {"seed": seed, "trained": trained}})
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_dataset(out)

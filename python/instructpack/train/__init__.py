@@ -1,0 +1,1 @@
+"""Training: launcher, worker, loop, checkpoints, metrics."""
