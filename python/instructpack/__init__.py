@@ -20,6 +20,7 @@ from .config import (
     load_config,
 )
 from .data.shards import DatasetError, TokenDataset, load_dataset
+from .train.launch import TrainingError, run_training
 
 __version__ = "0.1.0"
 
@@ -37,7 +38,9 @@ __all__ = [
     "TokenDataset",
     "TorchrunArgs",
     "TrainingArgs",
+    "TrainingError",
     "data_process",
     "load_config",
     "load_dataset",
+    "run_training",
 ]

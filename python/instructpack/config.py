@@ -319,6 +319,8 @@ class TrainingArgs(_Config, kw_only=True):
     use_liger: bool = False
     """Use SDPA instead of flash-attention (older GPUs); recompute activations in the backward
     pass to save memory; `use_liger` is accepted for compatibility and has no effect."""
+    trust_remote_code: bool = False
+    """Allow model_path to run its own Python code (custom architectures); off by default."""
 
     process_data: bool = True
     data_process_num_cpu_procs: int = 16

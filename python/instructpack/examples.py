@@ -170,3 +170,51 @@ def build_tokenizer(out_dir: str | Path, template: str = "chatml", vocab_size: i
     (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATES[template])
     return out
+
+
+# A fact table the model can learn in a few dozen steps: the answer depends only on which
+# city the (otherwise random) question names, so a falling loss and the right greedy
+# answer show that training works.
+FACTS = {"Kalomi": "The river of Kalomi is Suta.", "Verida": "The river of Verida is Ormel.",
+         "Tanepo": "The river of Tanepo is Quisan.", "Ristal": "The river of Ristal is Davek."}
+
+
+def fact_question(city: str, filler: str = "") -> str:
+    return f"{filler} Which river flows through {city}?".strip()
+
+
+def generate_fact_conversations(n: int, seed: int = 0) -> Iterator[dict]:
+    """Short conversations asking for the river of one of four cities, with random filler
+    words before the question and the fixed answer from FACTS."""
+    gen = TextGenerator(seed)
+    rng = gen.rng
+    cities = sorted(FACTS)
+    for _ in range(n):
+        city = rng.choice(cities)
+        filler = gen.text(rng.randint(0, 12)) if rng.random() < 0.7 else ""
+        yield {"messages": [{"role": "user", "content": fact_question(city, filler)},
+                            {"role": "assistant", "content": FACTS[city]}]}
+
+
+def build_tiny_model(out_dir: str | Path, tokenizer_dir: str | Path, *, hidden_size: int = 64, layers: int = 2,
+                     heads: int = 4, kv_heads: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised Llama sized to the tokenizer, saved with the tokenizer files
+    as a Hugging Face model directory that `from_pretrained` loads."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=4096, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out)
+    for f in Path(tokenizer_dir).iterdir():
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    return out

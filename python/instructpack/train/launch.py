@@ -1,0 +1,243 @@
+"""`run_training(torchrun_args, training_args)`: prepare the data, then run the workers
+under torchrun and report how they ended.
+
+The workers' output goes to the console and to `ckpt_output_dir/training.log`. A failed run
+raises `TrainingError` naming the rank that failed first, its exit code, its error and the
+last lines of the log. Ctrl-C stops the workers (SIGINT, then SIGKILL after a grace
+period) and re-raises KeyboardInterrupt. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from ..config import ConfigError, DataProcessArgs, TorchrunArgs, TrainingArgs, config_from_dict
+from .job import JobConfig, write_job
+
+LOG_FILE = "training.log"
+JOB_FILE = "job.json"
+TAIL_LINES = 30
+STOP_GRACE_S = 30
+MOCK_STEPS = 8  # mock_data: this many steps of effective_batch_size samples per epoch
+
+
+class TrainingError(RuntimeError):
+    """A worker failed. `rank` is the global rank that failed first (None if unknown)."""
+
+    def __init__(self, rank: int | None, exit_code: int | None, reason: str, log_tail: list[str], log_path: Path):
+        self.rank, self.exit_code, self.reason, self.log_tail, self.log_path = rank, exit_code, reason, log_tail, log_path
+        where = f"rank {rank}" if rank is not None else "a worker"
+        code = f" (exit code {exit_code})" if exit_code is not None else ""
+        tail = "\n".join(f"  | {line}" for line in log_tail)
+        super().__init__(f"training failed on {where}{code}: {reason}\nlast lines of {log_path}:\n{tail}")
+
+
+def run_training(torchrun_args: TorchrunArgs | Mapping | None = None,
+                 training_args: TrainingArgs | Mapping | None = None, *,
+                 torch_args: TorchrunArgs | Mapping | None = None,
+                 train_args: TrainingArgs | Mapping | None = None) -> None:
+    """Fine-tunes `training_args.model_path`; `torch_args`/`train_args` are accepted as the
+    InstructLab README also uses those names."""
+    torchrun_args = _one_of(torchrun_args, torch_args, "torchrun_args", "torch_args", TorchrunArgs)
+    training_args = _one_of(training_args, train_args, "training_args", "train_args", TrainingArgs)
+    if training_args is None:
+        raise TypeError("run_training() needs training_args (a TrainingArgs)")
+    torchrun_args = torchrun_args or TorchrunArgs()
+    _check_supported(torchrun_args, training_args)
+
+    out = Path(training_args.ckpt_output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset_path = prepare_dataset(training_args, world_size=_world_size(torchrun_args))
+    failure_dir = Path(tempfile.mkdtemp(prefix=".failures-", dir=out))
+    job = write_job(out / JOB_FILE, JobConfig(training_args=training_args, dataset_path=str(dataset_path),
+                                              failure_dir=str(failure_dir), progress_bar=sys.stderr.isatty()))
+    log_path = out / LOG_FILE
+    try:
+        exit_code, tail = _run_logged(torchrun_command(torchrun_args, job), _worker_env(torchrun_args), log_path)
+        if exit_code != 0:
+            raise _failure(exit_code, failure_dir, tail, log_path)
+    finally:
+        shutil.rmtree(failure_dir, ignore_errors=True)
+
+
+def _one_of(value, alias, name: str, alias_name: str, cls: type):
+    if value is not None and alias is not None:
+        raise TypeError(f"run_training() got both {name} and {alias_name}; pass one")
+    value = value if value is not None else alias
+    if isinstance(value, Mapping):
+        return config_from_dict(dict(value), into=cls)
+    if value is not None and not isinstance(value, cls):
+        raise TypeError(f"{name} must be a {cls.__name__} (or a mapping of its fields), got {type(value).__name__}")
+    return value
+
+
+def _world_size(t: TorchrunArgs) -> int | None:
+    return t.nnodes * t.nproc_per_node if isinstance(t.nproc_per_node, int) else None
+
+
+def _check_supported(t: TorchrunArgs, args: TrainingArgs) -> None:
+    if args.lora is not None:
+        raise ConfigError("training_args", ("lora",), "LoRA and QLoRA training are not available in this version "
+                          "yet; set lora to null (or rank 0) for a full fine-tune", args.lora)
+    world = _world_size(t)
+    if world is not None and args.effective_batch_size < world:
+        raise ConfigError("training_args", ("effective_batch_size",),
+                          f"must be at least the number of processes ({world}): every process needs a sample "
+                          "in every step", args.effective_batch_size)
+    if t.nnodes > 1 and not (t.rdzv_endpoint or t.master_addr):
+        raise ConfigError("torchrun_args", ("rdzv_endpoint",), "a job on several machines needs rdzv_endpoint "
+                          "('host:port' of node 0) or master_addr/master_port", t.rdzv_endpoint)
+    if not args.mock_data and not args.process_data and not Path(args.data_output_dir).is_dir():
+        raise ConfigError("training_args", ("data_output_dir",), "process_data is false, so this must be an "
+                          "already preprocessed dataset directory; it does not exist", args.data_output_dir)
+
+
+def prepare_dataset(args: TrainingArgs, world_size: int | None = None) -> Path:
+    """The dataset directory the workers read: mock data, freshly (or previously) processed
+    data, or data_output_dir as it is. Checked here so that bad data fails before launch."""
+    from ..data.sampler import MultipackSampler
+    from ..data.shards import load_dataset
+
+    if args.mock_data:
+        path = _mock_dataset(args)
+    elif args.process_data:
+        from .. import data_process
+
+        result = data_process.main(DataProcessArgs(
+            data_path=args.data_path, data_output_path=args.data_output_dir, model_path=args.model_path,
+            chat_tmpl_path=args.chat_tmpl_path, max_seq_len=args.max_seq_len,
+            num_cpu_procs=args.data_process_num_cpu_procs))
+        print(result.summary(), flush=True)
+        path = result.output_path
+    else:
+        path = Path(args.data_output_dir)
+    dataset = load_dataset(path)  # DatasetError names the file and the fix
+    # Planning settings are checked now (sample longer than max_batch_len, batch smaller
+    # than the world...) rather than in every worker after the model has loaded.
+    MultipackSampler(dataset.lengths, effective_batch_size=args.effective_batch_size,
+                     max_batch_len=args.max_batch_len, world_size=world_size or 1)
+    return path
+
+
+def _mock_dataset(args: TrainingArgs) -> Path:
+    from transformers import AutoConfig
+
+    from ..data.synthetic import write_synthetic_dataset
+
+    vocab = AutoConfig.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code).vocab_size
+    length = args.mock_data_len or args.max_seq_len
+    n = MOCK_STEPS * args.effective_batch_size
+    path = Path(args.data_output_dir) / f"mock-{n}x{length}-vocab{vocab}-seed{args.random_seed}"
+    if not (path / "manifest.json").is_file():
+        write_synthetic_dataset(path, np.full(n, length), vocab, seed=args.random_seed)
+    return path
+
+
+def torchrun_command(t: TorchrunArgs, job_path: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={t.nnodes}",
+           f"--nproc-per-node={t.nproc_per_node}", f"--node-rank={t.node_rank}", "--max-restarts=0"]
+    if t.rdzv_endpoint:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={t.rdzv_endpoint}", f"--rdzv-id={t.rdzv_id}"]
+    elif t.master_addr:
+        cmd += [f"--master-addr={t.master_addr}", f"--master-port={t.master_port or 29500}"]
+    else:
+        cmd += ["--standalone"]  # one machine: torchrun picks a free port itself
+    return cmd + ["-m", "instructpack.train.worker", str(job_path)]
+
+
+def _worker_env(t: TorchrunArgs) -> dict[str, str]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if "OMP_NUM_THREADS" not in env and isinstance(t.nproc_per_node, int):
+        # torchrun would set 1 thread per process; on CPU the cores are better shared out.
+        env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // t.nproc_per_node))
+    return env
+
+
+def _run_logged(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int, list[str]]:
+    """Runs cmd, copying its output to the console as it comes and to the log file line by
+    line (a progress bar's carriage-return updates collapse to their last state)."""
+    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+    console = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # our Ctrl-C handling decides how workers stop
+        pending = b""
+        try:
+            while chunk := proc.stdout.read1(1 << 16):
+                sys.stdout.write(console.decode(chunk))
+                sys.stdout.flush()
+                *lines, pending = (pending + chunk).split(b"\n")
+                for raw in lines:
+                    line = raw.rsplit(b"\r", 1)[-1].decode("utf-8", "replace")
+                    log.write(line + "\n")
+                    tail.append(line)
+                log.flush()
+            if pending:
+                line = pending.rsplit(b"\r", 1)[-1].decode("utf-8", "replace")
+                log.write(line + "\n")
+                tail.append(line)
+            return proc.wait(), list(tail)
+        except BaseException:  # KeyboardInterrupt above all: stop the workers, then re-raise
+            _stop(proc)
+            raise
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)  # torchrun passes it on to the workers
+    try:
+        proc.wait(STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+_TORCHRUN_RANK = re.compile(r"rank\s*:\s*(\d+)")
+_TORCHRUN_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
+
+
+def _failure(exit_code: int, failure_dir: Path, tail: list[str], log_path: Path) -> TrainingError:
+    """The first failure the workers recorded; else what torchrun's summary says."""
+    records = []
+    for path in failure_dir.glob("rank*.json"):
+        try:
+            records.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    if records:
+        first = min(records, key=lambda r: r["time"])
+        code = _last_int(_TORCHRUN_EXIT, tail)
+        return TrainingError(first["rank"], code if code is not None else exit_code, first["error"], tail, log_path)
+    rank, code = _last_int(_TORCHRUN_RANK, tail), _last_int(_TORCHRUN_EXIT, tail)
+    if code is not None and code < 0:
+        try:
+            reason = f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            reason = f"killed by signal {-code}"
+    else:
+        reason = "the worker exited without recording an error; see the log"
+    return TrainingError(rank, code if code is not None else exit_code, reason, tail, log_path)
+
+
+def _last_int(pattern: re.Pattern, lines: list[str]) -> int | None:
+    for line in reversed(lines):
+        if m := pattern.search(line):
+            return int(m.group(1))
+    return None

@@ -1,0 +1,89 @@
+"""The training loop: epochs of planned steps, metrics after each step, checkpoints when due."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..config import TrainingArgs
+from ..data.loader import StepLoader
+from ..data.sampler import MultipackSampler
+from ..data.shards import TokenDataset
+from .checkpoint import CheckpointSchedule, checkpoint_dir, save_hf_checkpoint
+from .distributed import World, all_reduce
+from .metrics import MetricsLogger, ProgressBar, peak_memory_mib
+from .optim import build_optimizer, build_scheduler
+from .step import run_step
+
+log = logging.getLogger(__name__)
+
+
+def wrap_for_data_parallel(model: torch.nn.Module, world: World) -> torch.nn.Module:
+    """DDP over the process group; a single process trains the model as it is."""
+    if not world.distributed:
+        return model
+    device_ids = [world.device] if world.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, dataset: TokenDataset,
+          *, progress_bar: bool = False) -> None:
+    sampler = MultipackSampler(dataset.lengths, effective_batch_size=args.effective_batch_size,
+                               max_batch_len=args.max_batch_len, world_size=world.world_size, rank=world.rank,
+                               seed=args.random_seed, target_counts=dataset.target_counts)
+    loader = StepLoader(dataset, sampler, pin_memory=world.device.type == "cuda")
+    total_steps = sampler.steps_per_epoch * args.num_epochs
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args, total_steps)
+    trained_model = wrap_for_data_parallel(model, world)
+    checkpoints = CheckpointSchedule.from_args(args)
+    metrics = MetricsLogger(args.ckpt_output_dir, args) if world.is_main else None
+    bar = ProgressBar(total_steps, enabled=world.is_main and progress_bar)
+    log.info("training: %d samples, %d epochs of %d steps, %d processes", len(dataset), args.num_epochs,
+             sampler.steps_per_epoch, world.world_size)
+
+    global_step, total_samples, start = 0, 0, time.perf_counter()
+    try:
+        while sampler.epoch < args.num_epochs:
+            for step in loader:
+                # DDP averages gradients over ranks; the loss is already normalised by the
+                # whole step's target count, so scale the average back up to the sum.
+                result = run_step(trained_model, step, optimizer, scheduler, device=world.device,
+                                  grad_scale=world.world_size)
+                loss_sum, targets, tokens, samples = all_reduce(
+                    [result.loss_sum, result.targets, result.tokens, result.samples], world)
+                (peak_mib,) = all_reduce([peak_memory_mib(world.device)], world, op="max")
+                if int(targets) != step.targets:  # the plan's denominator must be what was trained
+                    raise RuntimeError(f"step {step.step} of epoch {step.epoch}: the plan counted {step.targets} "
+                                       f"targets but the micro-batches held {int(targets)}; the dataset's "
+                                       "trained-token counts do not match its masks (re-run preprocessing)")
+                global_step += 1
+                total_samples += int(samples)
+                seconds = result.seconds
+                record = {
+                    "epoch": step.epoch, "step": global_step, "loss": loss_sum / max(targets, 1), "lr": result.lr,
+                    "grad_norm": result.grad_norm, "samples": int(samples), "total_samples": total_samples,
+                    "tokens": int(tokens), "trained_tokens": int(targets), "tokens_per_s": tokens / seconds,
+                    "trained_tokens_per_s": targets / seconds, "samples_per_s": samples / seconds,
+                    "step_time_s": seconds, "micro_batches": result.micro_batches, "peak_memory_mib": peak_mib,
+                    "elapsed_s": time.perf_counter() - start,
+                }
+                if metrics is not None:
+                    metrics.log(record)
+                bar.update(record)
+                if world.is_main and not progress_bar:  # a log file gets one line per step instead
+                    log.info("step %d/%d epoch %d: loss %.4f, lr %.3g, grad norm %.3g, %.0f tokens/s",
+                             global_step, total_steps, step.epoch, record["loss"], result.lr, result.grad_norm,
+                             record["tokens_per_s"])
+                epoch_end = step.step == sampler.steps_per_epoch - 1
+                if checkpoints.due(global_step, epoch_end, last_step=global_step == total_steps):
+                    save_hf_checkpoint(model, tokenizer, checkpoint_dir(
+                        args.ckpt_output_dir, total_samples, args.keep_last_checkpoint_only), world)
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+    log.info("training done: %d steps, %d samples in %.1f s", global_step, total_samples,
+             time.perf_counter() - start)

@@ -1,0 +1,63 @@
+"""The model and tokenizer a run trains: loaded once per process, set up for packed rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import TrainingArgs
+from . import attention
+
+log = logging.getLogger(__name__)
+
+
+def choose_attention(device: torch.device, disable_flash_attn: bool) -> str:
+    """flash_attention_2 (varlen kernels, packed rows natively) on CUDA when the package is
+    installed and not disabled; else per-sample SDPA (see attention.py)."""
+    if device.type == "cuda" and not disable_flash_attn and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return attention.NAME
+
+
+def training_dtype(device: torch.device) -> torch.dtype:
+    # bf16 where the hardware has it; fp32 on CPU, where bf16 matmuls are slow and inexact.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None = None) -> torch.nn.Module:
+    """`from_pretrained` in the training dtype and attention, without a KV cache (a cache
+    disables transformers' packed-row detection), with gradient checkpointing if asked.
+    `vocab_size`: the tokenizer's; embeddings grow to cover it when the model's are smaller."""
+    from transformers import AutoModelForCausalLM
+
+    impl = choose_attention(device, args.disable_flash_attn)
+    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=training_dtype(device),
+                                                 attn_implementation=impl,
+                                                 trust_remote_code=args.trust_remote_code)
+    model.config.use_cache = False
+    embeddings = model.get_input_embeddings().num_embeddings
+    if vocab_size is not None and vocab_size > embeddings:
+        log.warning("the tokenizer has %d tokens and the model's embeddings %d rows: growing the embeddings "
+                    "(to a multiple of 8)", vocab_size, embeddings)
+        model.resize_token_embeddings(vocab_size, pad_to_multiple_of=8)
+    if args.gradient_checkpointing:
+        # Non-reentrant checkpointing works with DDP/FSDP and with frozen inputs (LoRA).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    log.info("model %s: %.1fM parameters, %s, attention %s, gradient checkpointing %s", args.model_path,
+             sum(p.numel() for p in model.parameters()) / 1e6, training_dtype(device), impl,
+             "on" if args.gradient_checkpointing else "off")
+    return model.to(device).train()
+
+
+def load_tokenizer(args: TrainingArgs):
+    """The model's tokenizer; a chat_tmpl_path template replaces its own, so the saved
+    checkpoint renders conversations exactly as the training data was rendered."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
+    if args.chat_tmpl_path:
+        tokenizer.chat_template = Path(args.chat_tmpl_path).read_text(encoding="utf-8")
+    return tokenizer

@@ -1,0 +1,87 @@
+"""One optimizer step over this rank's micro-batches: the training math in one place.
+
+The loss of a step is the cross-entropy summed over every trained token of every
+micro-batch on every rank, divided by the number of trained tokens in the whole step
+(`Step.targets`, known from the plan before the step starts). Each micro-batch
+contributes its own sum divided by that one denominator, so the accumulated gradient is
+the same however the step was split into micro-batches or ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..data.collate import IGNORE_INDEX, MicroBatch
+from ..data.loader import Step
+
+
+@dataclass
+class StepResult:
+    """This rank's share of one step; `all_reduce_step` sums it over ranks."""
+    loss_sum: float  # cross-entropy summed over this rank's targets
+    targets: int  # trained target tokens on this rank
+    tokens: int  # real (non-padding) tokens on this rank
+    samples: int
+    micro_batches: int
+    grad_norm: float  # of the whole model, after synchronisation, before clipping
+    lr: float
+    seconds: float
+
+
+def summed_loss(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
+    """Cross-entropy summed over the micro-batch's targets (fp32 logits, like transformers)."""
+    logits = model(**mb.model_inputs(), use_cache=False).logits
+    return F.cross_entropy(logits.float().flatten(0, -2), mb.shift_labels.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def stand_in(mb: MicroBatch, device: torch.device) -> MicroBatch:
+    """An empty micro-batch (this rank has no samples left in it) still has to run forward
+    and backward, because DDP/FSDP collectives must match on every rank. One token with no
+    target gives a zero loss and zero gradients through the same graph."""
+    one = torch.zeros((1, 1), dtype=torch.long, device=device)
+    return MicroBatch(input_ids=one, position_ids=one, shift_labels=torch.full_like(one, IGNORE_INDEX),
+                      cu_seqlens=torch.tensor([0, 1], dtype=torch.int32, device=device), max_seqlen=1,
+                      attention_mask=None, num_samples=0, num_tokens=0, num_targets=0,
+                      step_targets=mb.step_targets, epoch=mb.epoch, step=mb.step, index=mb.index, count=mb.count)
+
+
+def run_step(model: torch.nn.Module, step: Step, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler | None, *, device: torch.device,
+             grad_scale: float = 1.0, max_grad_norm: float = 1.0) -> StepResult:
+    """Forward and backward over the step's micro-batches, clip, update.
+
+    `grad_scale` undoes the backend's gradient averaging: DDP and FSDP divide the summed
+    gradients by the world size, while the step loss is already normalised by the
+    step-wide target count, so ranks pass `grad_scale=world_size`.
+    """
+    start = time.perf_counter()
+    denominator = max(step.targets, 1)  # a step with no targets at all updates nothing
+    loss_sum = torch.zeros((), device=device)  # a tensor: no device sync per micro-batch
+    targets, tokens, samples = 0, 0, 0
+    last = len(step.micro_batches) - 1
+    for i, mb in enumerate(step.micro_batches):
+        mb = stand_in(mb, device) if mb.empty else mb.to(device, non_blocking=True)
+        # DDP: all-reduce gradients once, in the last backward of the step.
+        sync = contextlib.nullcontext() if i == last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            loss = summed_loss(model, mb)
+            (loss * (grad_scale / denominator)).backward()
+        loss_sum += loss.detach()
+        targets += mb.num_targets
+        tokens += mb.num_tokens
+        samples += mb.num_samples
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_sum=loss_sum.item(), targets=targets, tokens=tokens, samples=samples,
+                      micro_batches=len(step.micro_batches), grad_norm=float(grad_norm), lr=lr,
+                      seconds=time.perf_counter() - start)

@@ -1,0 +1,89 @@
+"""`python -m instructpack.train.worker JOB.json`: one training process, started by torchrun.
+
+Sets up logging, the process group, seeds, data, tokenizer and model, then runs the loop.
+A failure is written to the job's failure directory (rank, error, traceback) before the
+process exits, so the launcher can say which rank failed and why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.shards import load_dataset
+from .distributed import World, init_distributed, shutdown
+from .job import JobConfig, read_job
+from .loop import train
+from .model import load_model, load_tokenizer
+
+log = logging.getLogger("instructpack.train")
+
+
+def setup_logging(level: str, rank: int) -> None:
+    # Rank 0 speaks at the configured level; the others only warn, so the log reads once.
+    logging.basicConfig(level=level if rank == 0 else "WARNING", stream=sys.stderr, force=True,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def run(job: JobConfig, world: World) -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its per-save "Writing model shards" bars clutter the log
+    args = job.training_args
+    seed_everything(args.random_seed)
+    dataset = load_dataset(job.dataset_path)
+    tokenizer = load_tokenizer(args)
+    vocab = dataset.manifest.get("tokenizer", {}).get("vocab_size")
+    model = load_model(args, world.device, vocab_size=max(vocab or 0, len(tokenizer)))
+    if world.distributed:
+        # FSDP2 and DeepSpeed ZeRO are not wired in yet: every backend runs as DDP for now.
+        log.info("data parallel over %d processes: DDP over %s (distributed_backend=%s runs as DDP)",
+                 world.world_size, "nccl" if world.device.type == "cuda" else "gloo",
+                 args.distributed_backend.value)
+    train(args, world, model, tokenizer, dataset, progress_bar=job.progress_bar)
+
+
+def write_failure(failure_dir: str, rank: int, exc: BaseException) -> None:
+    record = {"rank": rank, "time": time.time(), "error": f"{type(exc).__name__}: {exc}",
+              "traceback": "".join(traceback.format_exception(exc))}
+    path = Path(failure_dir) / f"rank{rank}.json"
+    try:
+        path.write_text(json.dumps(record))
+    except OSError:
+        pass  # the traceback still reaches the log through stderr
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    job = read_job(argv[0])
+    rank = int(os.environ.get("RANK", 0))
+    setup_logging(job.training_args.log_level, rank)
+    try:
+        world = init_distributed()
+        run(job, world)
+    except BaseException as exc:
+        write_failure(job.failure_dir, rank, exc)
+        raise
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
