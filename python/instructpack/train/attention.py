@@ -5,8 +5,8 @@ attention costs T^2 in time and memory (T = tokens in the row) although only sum
 of it is needed, and SDPA cannot use its fused causal kernels with an explicit mask. For
 8 samples of 1,000 tokens that is 8x the necessary work. "sdpa_packed" instead cuts the
 row at the sample boundaries and runs causal SDPA on each sample: the varlen idea of
-flash-attention, with the stock kernel. Rows without packing (one sample, or padded
-batches with a mask) go to transformers' own sdpa unchanged.
+flash-attention, with the stock kernel. Anything else (batches of several rows, padding
+masks, decoding with a KV cache) goes to transformers' own sdpa and mask unchanged.
 
 Registered with transformers' attention interfaces on import; the mask function returns
 no mask at all, because the boundaries come from the position ids.
@@ -34,11 +34,11 @@ def sample_bounds(position_ids: torch.Tensor) -> list[int]:
 def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                         **kwargs) -> tuple[torch.Tensor, None]:
-    position_ids = kwargs.get("position_ids")
-    if attention_mask is not None or position_ids is None or query.shape[0] != 1 or kwargs.get("softcap"):
+    if not _takes_over(query.shape[0], query.shape[2], key.shape[2], attention_mask):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    bounds = kwargs.get("sample_bounds") or sample_bounds(position_ids)
+    position_ids = kwargs.get("position_ids")
+    bounds = [0, query.shape[2]] if position_ids is None else sample_bounds(position_ids)
     gqa = key.shape[1] != query.shape[1]  # grouped-query attention: fewer key/value heads
     window = kwargs.get("sliding_window")
     parts = []
@@ -60,11 +60,17 @@ def _sliding_causal_mask(length: int, window: int, device: torch.device) -> torc
     return (j <= i) & (i - j < window)
 
 
-def _packed_sdpa_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
-    # Padded batches (a 2-D mask) keep the regular sdpa mask; packed rows need none.
-    if attention_mask is not None:
-        return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
-    return None
+def _takes_over(batch_size: int, q_length: int, kv_length: int, attention_mask) -> bool:
+    """One row without padding and without a KV cache (a training forward pass). Batches,
+    padding masks and cached decoding keep transformers' own sdpa path and mask."""
+    return batch_size == 1 and q_length == kv_length and attention_mask is None
+
+
+def _packed_sdpa_mask(batch_size: int, q_length: int, kv_length: int, *args,
+                      attention_mask: torch.Tensor | None = None, **kwargs):
+    if _takes_over(batch_size, q_length, kv_length, attention_mask):
+        return None  # the forward reads the sample boundaries from the position ids
+    return sdpa_mask(batch_size, q_length, kv_length, *args, attention_mask=attention_mask, **kwargs)
 
 
 AttentionInterface.register(NAME, packed_sdpa_forward)
