@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from instructpack import ConfigError, TorchrunArgs, TrainingArgs, TrainingError, run_training
 from instructpack.examples import FACTS, build_tiny_model, fact_question, generate_fact_conversations, write_jsonl
 from instructpack.train.launch import torchrun_command
-from instructpack.train.metrics import RECORD_FIELDS, read_metrics
+from instructpack.train.metrics import RECORD_FIELDS, MissingSinkError, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -211,7 +211,7 @@ def test_torchrun_command_for_each_rendezvous(tmp_path):
     assert {"--master-addr=10.0.0.1", "--master-port=1234"} <= set(static)
 
 
-def test_settings_refused_before_launch(workspace):
+def test_settings_refused_before_launch(workspace, monkeypatch):
     args = training_args(workspace, "refused")
     with pytest.raises(ConfigError, match="rdzv_endpoint"):
         run_training(TorchrunArgs(nnodes=2), args)
@@ -219,6 +219,12 @@ def test_settings_refused_before_launch(workspace):
         run_training(TorchrunArgs(nproc_per_node=16), args)
     with pytest.raises(ConfigError, match="lora"):
         run_training(TorchrunArgs(), training_args(workspace, "refused", lora={"rank": 8}))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="nproc_per_node"):
+            run_training(TorchrunArgs(nproc_per_node="gpu"), args)
+    with pytest.raises(MissingSinkError, match="pip install"):
+        monkeypatch.setitem(sys.modules, "wandb", None)  # None: "not installed", even where it is
+        run_training(TorchrunArgs(), training_args(workspace, "refused", logger_type="async,wandb"))
     with pytest.raises(TypeError, match="both"):
         run_training(training_args=args, train_args=args)
     with pytest.raises(TypeError, match="training_args"):

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..config import ConfigError, DataProcessArgs, TorchrunArgs, TrainingArgs, config_from_dict
 from .job import JobConfig, write_job
+from .metrics import check_sinks
 
 LOG_FILE = "training.log"
 JOB_FILE = "job.json"
@@ -101,6 +102,13 @@ def _check_supported(t: TorchrunArgs, args: TrainingArgs) -> None:
     if t.nnodes > 1 and not (t.rdzv_endpoint or t.master_addr):
         raise ConfigError("torchrun_args", ("rdzv_endpoint",), "a job on several machines needs rdzv_endpoint "
                           "('host:port' of node 0) or master_addr/master_port", t.rdzv_endpoint)
+    if t.nproc_per_node == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("torchrun_args", ("nproc_per_node",), "'gpu' means one process per GPU, and "
+                              "no CUDA GPU is visible; give a number of processes", t.nproc_per_node)
+    check_sinks(args)  # a missing tensorboard/wandb/mlflow package fails now, not in every worker
     if not args.mock_data and not args.process_data and not Path(args.data_output_dir).is_dir():
         raise ConfigError("training_args", ("data_output_dir",), "process_data is false, so this must be an "
                           "already preprocessed dataset directory; it does not exist", args.data_output_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
+import msgspec
 import torch
 
 from ..config import TrainingArgs
@@ -39,7 +40,7 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
     scheduler = build_scheduler(optimizer, args, total_steps)
     trained_model = wrap_for_data_parallel(model, world)
     checkpoints = CheckpointSchedule.from_args(args)
-    metrics = MetricsLogger(args.ckpt_output_dir, args) if world.is_main else None
+    metrics = MetricsLogger(args.ckpt_output_dir, args, run_config=msgspec.to_builtins(args)) if world.is_main else None
     bar = ProgressBar(total_steps, enabled=world.is_main and progress_bar)
     log.info("training: %d samples, %d epochs of %d steps, %d processes", len(dataset), args.num_epochs,
              sampler.steps_per_epoch, world.world_size)

@@ -160,6 +160,13 @@ def _import_sink(name: str, logger_type: str) -> Any:
             f"{name!r} from logger_type") from exc
 
 
+def check_sinks(args: TrainingArgs) -> None:
+    """Raises MissingSinkError if a sink in args.logger_type cannot be imported: the launcher
+    calls this so a missing package fails before any worker starts."""
+    for name in _chosen_sinks(args.logger_type):
+        _import_sink(name, args.logger_type)
+
+
 def _drop_partial_last_line(file: Path) -> None:
     # A crash mid-write can leave a line without its newline; appending to it would corrupt
     # the first record of the resumed run as well.
