@@ -9,14 +9,14 @@ import msgspec
 import torch
 
 from ..config import TrainingArgs
-from ..data.loader import StepLoader
+from ..data.loader import Step, StepLoader
 from ..data.sampler import MultipackSampler
 from ..data.shards import TokenDataset
 from .checkpoint import CheckpointSchedule, checkpoint_dir, save_hf_checkpoint
 from .distributed import World, all_reduce
 from .metrics import MetricsLogger, ProgressBar, peak_memory_mib
 from .optim import build_optimizer, build_scheduler
-from .step import run_step
+from .step import StepResult, run_step
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,28 @@ def wrap_for_data_parallel(model: torch.nn.Module, world: World) -> torch.nn.Mod
         return model
     device_ids = [world.device] if world.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def step_record(step: Step, result: StepResult, world: World, global_step: int, samples_before: int,
+                start: float) -> dict:
+    """The metrics of one step over all ranks (RECORD_FIELDS), with a check that the plan's
+    loss denominator is what the micro-batches really held."""
+    loss_sum, targets, tokens, samples = all_reduce(
+        [result.loss_sum, result.targets, result.tokens, result.samples], world)
+    (peak_mib,) = all_reduce([peak_memory_mib(world.device)], world, op="max")
+    if int(targets) != step.targets:
+        raise RuntimeError(f"step {step.step} of epoch {step.epoch}: the plan counted {step.targets} targets but "
+                           f"the micro-batches held {int(targets)}; the dataset's trained-token counts do not "
+                           "match its masks (re-run preprocessing)")
+    seconds = result.seconds
+    return {
+        "epoch": step.epoch, "step": global_step, "loss": loss_sum / max(targets, 1), "lr": result.lr,
+        "grad_norm": result.grad_norm, "samples": int(samples), "total_samples": samples_before + int(samples),
+        "tokens": int(tokens), "trained_tokens": int(targets), "tokens_per_s": tokens / seconds,
+        "trained_tokens_per_s": targets / seconds, "samples_per_s": samples / seconds, "step_time_s": seconds,
+        "micro_batches": result.micro_batches, "peak_memory_mib": peak_mib,
+        "elapsed_s": time.perf_counter() - start,
+    }
 
 
 def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, dataset: TokenDataset,
@@ -53,31 +75,15 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
                 # whole step's target count, so scale the average back up to the sum.
                 result = run_step(trained_model, step, optimizer, scheduler, device=world.device,
                                   grad_scale=world.world_size)
-                loss_sum, targets, tokens, samples = all_reduce(
-                    [result.loss_sum, result.targets, result.tokens, result.samples], world)
-                (peak_mib,) = all_reduce([peak_memory_mib(world.device)], world, op="max")
-                if int(targets) != step.targets:  # the plan's denominator must be what was trained
-                    raise RuntimeError(f"step {step.step} of epoch {step.epoch}: the plan counted {step.targets} "
-                                       f"targets but the micro-batches held {int(targets)}; the dataset's "
-                                       "trained-token counts do not match its masks (re-run preprocessing)")
-                global_step += 1
-                total_samples += int(samples)
-                seconds = result.seconds
-                record = {
-                    "epoch": step.epoch, "step": global_step, "loss": loss_sum / max(targets, 1), "lr": result.lr,
-                    "grad_norm": result.grad_norm, "samples": int(samples), "total_samples": total_samples,
-                    "tokens": int(tokens), "trained_tokens": int(targets), "tokens_per_s": tokens / seconds,
-                    "trained_tokens_per_s": targets / seconds, "samples_per_s": samples / seconds,
-                    "step_time_s": seconds, "micro_batches": result.micro_batches, "peak_memory_mib": peak_mib,
-                    "elapsed_s": time.perf_counter() - start,
-                }
+                record = step_record(step, result, world, global_step + 1, total_samples, start)
+                global_step, total_samples = record["step"], record["total_samples"]
                 if metrics is not None:
                     metrics.log(record)
                 bar.update(record)
                 if world.is_main and not progress_bar:  # a log file gets one line per step instead
                     log.info("step %d/%d epoch %d: loss %.4f, lr %.3g, grad norm %.3g, %.0f tokens/s",
-                             global_step, total_steps, step.epoch, record["loss"], result.lr, result.grad_norm,
-                             record["tokens_per_s"])
+                             global_step, total_steps, step.epoch, record["loss"], record["lr"],
+                             record["grad_norm"], record["tokens_per_s"])
                 epoch_end = step.step == sampler.steps_per_epoch - 1
                 if checkpoints.due(global_step, epoch_end, last_step=global_step == total_steps):
                     save_hf_checkpoint(model, tokenizer, checkpoint_dir(

@@ -1,0 +1,76 @@
+"""When checkpoints are due, and that a checkpoint directory is replaced atomically."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from instructpack import TrainingArgs
+from instructpack.train.checkpoint import CheckpointSchedule, checkpoint_dir, save_hf_checkpoint
+from instructpack.train.distributed import World
+
+WORLD = World(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def args(**kw) -> TrainingArgs:
+    base = dict(model_path="m", data_path="d", ckpt_output_dir="c", data_output_dir="o", max_seq_len=8,
+                max_batch_len=8, effective_batch_size=64, learning_rate=1e-3)
+    return TrainingArgs(**{**base, **kw})
+
+
+@pytest.mark.parametrize("save_samples, every", [(0, None), (-5, None), (1, 1), (20, 1), (64, 1), (100, 2),
+                                                  (128, 2), (150, 2), (170, 3), (6400, 100)])
+def test_save_samples_rounds_to_whole_steps(save_samples, every):
+    assert CheckpointSchedule.from_args(args(save_samples=save_samples)).every_steps == every
+
+
+def test_due():
+    s = CheckpointSchedule(every_steps=3, at_epoch_end=False)
+    assert [g for g in range(1, 10) if s.due(g, epoch_end=False, last_step=False)] == [3, 6, 9]
+    assert s.due(4, epoch_end=True, last_step=False) is False
+    assert s.due(4, epoch_end=False, last_step=True) is True  # the end always saves
+    e = CheckpointSchedule(every_steps=None, at_epoch_end=True)
+    assert e.due(5, epoch_end=True, last_step=False) and not e.due(4, epoch_end=False, last_step=False)
+
+
+def test_checkpoint_dir_names(tmp_path):
+    assert checkpoint_dir(tmp_path, 1234, False) == tmp_path / "hf_format" / "samples_1234"
+    assert checkpoint_dir(tmp_path, 1234, True) == tmp_path / "hf_format" / "last_epoch"
+
+
+class TinyModel(torch.nn.Module):
+    """Just what save_hf_checkpoint uses of a transformers model."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((2,), value))
+        self.config = type("Config", (), {"use_cache": False})()
+
+    def save_pretrained(self, directory, state_dict, safe_serialization):
+        assert self.config.use_cache is True and safe_serialization
+        (directory / "weights.txt").write_text(str(state_dict["w"].tolist()))
+
+
+class Tokenizer:
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+
+    def save_pretrained(self, directory):
+        if self.fail:
+            raise OSError("disk full")
+        (directory / "tokenizer.json").write_text("{}")
+
+
+def test_last_epoch_is_replaced_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "hf_format" / "last_epoch"
+    model = TinyModel(1.0)
+    save_hf_checkpoint(model, Tokenizer(), target, WORLD)
+    assert (target / "weights.txt").read_text() == "[1.0, 1.0]" and model.config.use_cache is False
+
+    with pytest.raises(OSError, match="disk full"):  # a failed write leaves the previous one intact
+        save_hf_checkpoint(TinyModel(2.0), Tokenizer(fail=True), target, WORLD)
+    assert (target / "weights.txt").read_text() == "[1.0, 1.0]"
+
+    save_hf_checkpoint(TinyModel(3.0), Tokenizer(), target, WORLD)
+    assert (target / "weights.txt").read_text() == "[3.0, 3.0]"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last_epoch"]  # no temporaries left
