@@ -19,7 +19,6 @@ Target: (c) >= 200M tokens/s.
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 
 import numpy as np
@@ -37,28 +36,13 @@ HERE = OUTPUT / "load"
 
 def dataset(n: int):
     """A synthetic preprocessed dataset of n samples, written once and cached."""
-    from instructpack.data.shards import FORMAT, FORMAT_VERSION, ShardSequenceWriter, load_dataset, write_manifest
+    from instructpack.data import synthetic
+    from instructpack.data.shards import load_dataset
 
-    out = HERE / f"ds-{n}-{cache_key({'n': n, 'vocab': VOCAB}, __file__)}"
-    if not (out / "manifest.json").is_file():
-        rng = np.random.default_rng(0)
-        lens = heavy_tailed_lengths(n, seed=1)
-        total = int(lens.sum())
-        tokens = rng.integers(0, VOCAB, total, dtype=np.uint16)
-        # Runs of untrained and trained tokens, 20 to 400 long, alternating.
-        runs = rng.integers(20, 400, total // 20 + 2)
-        mask = (np.repeat(np.arange(len(runs)) % 2, runs)[:total]).astype(np.uint8)
-        starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
-        trained = np.add.reduceat(mask.astype(np.int64), starts)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        writer = ShardSequenceWriter(tmp, np.dtype(np.uint16))
-        writer.append(tokens, mask, lens.astype(np.uint32), trained.astype(np.uint32), np.arange(1, n + 1))
-        write_manifest(tmp, {"format": FORMAT, "format_version": FORMAT_VERSION, "shards": writer.close(),
-                             "tokenizer": {"vocab_size": VOCAB}})
-        tmp.rename(out)
-    return load_dataset(out)
+    out = HERE / f"ds-{n}-{cache_key({'n': n, 'vocab': VOCAB}, __file__, synthetic.__file__)}"
+    if (out / "manifest.json").is_file():
+        return load_dataset(out)
+    return synthetic.write_synthetic_dataset(out, heavy_tailed_lengths(n, seed=1), VOCAB, seed=0, trained="runs")
 
 
 def run(ns: argparse.Namespace) -> int:
