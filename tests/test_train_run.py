@@ -92,12 +92,14 @@ def test_learns_the_facts_and_saves_a_loadable_checkpoint(workspace, nproc):
 def test_same_global_batch_same_loss_and_weights(workspace):
     """One process with one micro-batch per step, one process with several, two processes:
     the same steps give the same losses and the same weights (fp32)."""
-    runs = {"one": (1, 1024), "split": (1, 256), "two": (2, 1024)}
+    # (processes, max_batch_len, gradient checkpointing): recomputing activations must not
+    # change the result either.
+    runs = {"one": (1, 1024, False), "split": (1, 256, True), "two": (2, 1024, True)}
     results = {}
-    for name, (nproc, max_batch_len) in runs.items():
+    for name, (nproc, max_batch_len, checkpointing) in runs.items():
         args = training_args(workspace, f"inv-{name}", data_path=str(workspace["small"]),
                              data_output_dir=str(workspace["root"] / "processed-small"), num_epochs=1,
-                             max_batch_len=max_batch_len, max_seq_len=256)
+                             max_batch_len=max_batch_len, max_seq_len=256, gradient_checkpointing=checkpointing)
         run_training(TorchrunArgs(nproc_per_node=nproc), args)
         out = Path(args.ckpt_output_dir)
         results[name] = (read_metrics(out), weights(out / "hf_format" / "samples_24"))

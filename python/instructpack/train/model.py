@@ -45,7 +45,12 @@ def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None 
         model.resize_token_embeddings(vocab_size, pad_to_multiple_of=8)
     if args.gradient_checkpointing:
         # Non-reentrant checkpointing works with DDP/FSDP and with frozen inputs (LoRA).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5.2x renamed the method; the old name still works but warns.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     log.info("model %s: %.1fM parameters, %s, attention %s, gradient checkpointing %s", args.model_path,
              sum(p.numel() for p in model.parameters()) / 1e6, training_dtype(device), impl,
              "on" if args.gradient_checkpointing else "off")
