@@ -179,6 +179,8 @@ def test_ctrl_c_stops_the_workers(workspace, tmp_path):
         seen.append(line)
         if "step 3/" in line:
             break
+    job = str(Path(args.ckpt_output_dir) / "job.json")
+    assert len(processes_mentioning(job)) >= 3  # torchrun and its two workers are found while running
     proc.send_signal(signal.SIGINT)
     try:
         rest, _ = proc.communicate(timeout=45)
@@ -186,7 +188,6 @@ def test_ctrl_c_stops_the_workers(workspace, tmp_path):
         proc.kill()
         pytest.fail("run_training did not stop within 45 s of Ctrl-C:\n" + "".join(seen[-20:]))
     assert proc.returncode != 0 and "KeyboardInterrupt" in rest
-    job = str(Path(args.ckpt_output_dir) / "job.json")
     time.sleep(1)  # the launcher has returned; give the kernel a moment to reap
     assert processes_mentioning(job) == [], "workers still running"
 
