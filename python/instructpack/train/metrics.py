@@ -4,6 +4,7 @@ them, and a console progress bar. Importing this module does not import torch.""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import resource
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..config import TrainingArgs
 
@@ -250,6 +252,9 @@ class ProgressBar:
     def __init__(self, total_steps: int, enabled: bool, initial: int = 0):
         self._bar = tqdm(total=total_steps, initial=initial, disable=not enabled, file=sys.stderr,
                          dynamic_ncols=True, unit="step")
+        # Log lines (checkpoint saved, next epoch...) print above the bar instead of through it.
+        self._redirect = logging_redirect_tqdm() if enabled else contextlib.nullcontext()
+        self._redirect.__enter__()
 
     def update(self, record: dict) -> None:
         """Advances one step; `record` is the step's metrics record."""
@@ -262,6 +267,9 @@ class ProgressBar:
         self._bar.update(1)
 
     def close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
         self._bar.close()
 
 
