@@ -244,3 +244,30 @@ def test_settings_refused_before_launch(workspace, monkeypatch):
     with pytest.raises(TypeError, match="training_args"):
         run_training(TorchrunArgs())
     assert not (workspace["root"] / "refused").exists()
+
+
+def test_command_line_train_from_a_config_file(workspace, capsys):
+    from instructpack.cli import main
+
+    out = workspace["root"] / "cli"
+    config = workspace["root"] / "run.yaml"
+    config.write_text(f"""
+torchrun_args: {{nproc_per_node: 1}}
+training_args:
+  model_path: {workspace['model']}
+  data_path: ""
+  mock_data: true
+  mock_data_len: 16
+  data_output_dir: {workspace['root'] / 'mock-cli'}
+  ckpt_output_dir: {out}
+  max_seq_len: 16
+  max_batch_len: 64
+  effective_batch_size: 4
+  learning_rate: 1e-3
+""")
+    assert main(["train", str(config)]) == 0
+    assert len(read_metrics(out)) == 8 and checkpoints(out) == ["samples_32"]
+
+    config.write_text(config.read_text().replace("learning_rate: 1e-3", "learning_rate: -1"))
+    assert main(["train", str(config)]) == 2
+    assert "training_args.learning_rate" in capsys.readouterr().err

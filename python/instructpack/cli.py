@@ -66,13 +66,39 @@ def _run_plot(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("config", metavar="CONFIG",
+                        help="YAML, JSON or TOML file: TrainingArgs fields, or training_args + torchrun_args")
+    return parser
+
+
+def _run_train(ns: argparse.Namespace) -> int:
+    from .config import RunConfig, TorchrunArgs, load_config
+    from .train.launch import TrainingError, run_training
+
+    try:
+        config = load_config(ns.config)
+        torchrun_args, training_args = ((config.torchrun_args, config.training_args) if isinstance(config, RunConfig)
+                                        else (TorchrunArgs(), config))
+        run_training(torchrun_args, training_args)
+    except (ValueError, OSError, ImportError, TrainingError) as e:  # config, data and plan errors are ValueErrors
+        print(f"instructpack train: error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, TrainingError) else 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """`instructpack <command>`."""
     parser = argparse.ArgumentParser(prog="instructpack")
     sub = parser.add_subparsers(dest="command", required=True)
     _preprocess_parser(sub.add_parser("preprocess", help="messages JSONL -> token shards"))
     _plot_parser(sub.add_parser("plot", help="metrics.jsonl -> PNG of loss, throughput and learning rate"))
+    _train_parser(sub.add_parser("train", help="run_training from a config file"))
     ns = parser.parse_args(argv)
+    if ns.command == "train":
+        return _run_train(ns)
     if ns.command == "preprocess":
         return _run_preprocess(ns)
     if ns.command == "plot":
