@@ -166,6 +166,30 @@ def test_worker_failure_names_rank_and_reason_fast(workspace, tokenizer_dirs):
     assert not list(Path(args.ckpt_output_dir).glob(".failures-*"))
 
 
+def test_one_rank_failing_mid_training_is_named_and_nothing_hangs(workspace, tmp_path, monkeypatch):
+    """Rank 1 raises in its third step while rank 0 waits for it in a collective: the error
+    names rank 1 and its reason, and the launcher returns instead of waiting forever."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import instructpack.train.loop as loop\n"
+        "    real, calls = loop.run_step, []\n"
+        "    def failing(*args, **kwargs):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 3:\n"
+        "            raise MemoryError('injected: out of memory in step 3')\n"
+        "        return real(*args, **kwargs)\n"
+        "    loop.run_step = failing\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    args = training_args(workspace, "fail-mid", num_epochs=1)
+    start = time.monotonic()
+    with pytest.raises(TrainingError) as info:
+        run_training(TorchrunArgs(nproc_per_node=2), args)
+    assert info.value.rank == 1 and "injected: out of memory in step 3" in info.value.reason
+    assert time.monotonic() - start < 90
+    assert len(read_metrics(args.ckpt_output_dir)) == 2  # the steps before the failure were logged
+
+
 def test_ctrl_c_stops_the_workers(workspace, tmp_path):
     args = training_args(workspace, "interrupt", num_epochs=1000)
     script = tmp_path / "run.py"
