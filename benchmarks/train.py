@@ -38,8 +38,11 @@ a T x T block-diagonal mask: attention costs T^2 instead of sum(l_i^2), 3.8x her
 loses its causal fast path. Measured on 2 idle cores, default settings, targets/s:
 
     --attn        (a) packed   (b)   (c)    packed/(b)   packed/(c)
-    sdpa_packed        1,888   415  1,636        4.54x        1.15x
-    sdpa                 887   410  1,603        2.16x        0.55x
+    sdpa_packed        2,307   555  1,973        4.16x        1.17x
+    sdpa               1,039   563  1,992        1.85x        0.52x
+
+(The loss needs logits only where there is a target; run_step asks transformers for those
+positions alone, in packed and in padded rows alike. Before that, packed ran at 1,773-1,888.)
 
 With stock sdpa, packing is slower than padding with a padding-aware plan; eager is slower
 still (its packed step took 3.6x sdpa_packed's at ebs 32). This tiny model exaggerates it: per

@@ -53,6 +53,7 @@ def test_packed_micro_batch_matches_per_sample_reads(dataset):
     assert mb.max_seqlen == max(lengths)
     assert (mb.num_samples, mb.num_tokens, mb.step_targets) == (5, len(input_ids), 123)
     assert mb.num_targets == int((targets != -100).sum())
+    assert mb.target_positions.tolist() == [t for t, label in enumerate(targets) if label != -100]
     assert mb.attention_mask is None and not mb.empty
 
 
@@ -157,6 +158,8 @@ def test_to_moves_every_tensor_and_keeps_the_counts(dataset):
         assert getattr(moved, name).shape == getattr(mb, name).shape
     assert (moved.num_samples, moved.num_tokens, moved.num_targets, moved.step_targets, moved.max_seqlen) == \
         (mb.num_samples, mb.num_tokens, mb.num_targets, mb.step_targets, mb.max_seqlen)
+    packed = collate_packed(dataset, _ref([1, 2, 3], step_targets=9)).to("meta")
+    assert packed.target_positions.device.type == "meta"
 
 
 @pytest.mark.cuda

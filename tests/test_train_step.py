@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from conftest import preprocess
-from instructpack.data.collate import IGNORE_INDEX
+from instructpack.data.collate import IGNORE_INDEX, collate_packed, collate_padded
 from instructpack.data.loader import Step, StepLoader
 from instructpack.data.sampler import MultipackSampler
 from instructpack.examples import build_tiny_model, generate_fact_conversations, generate_conversations
 from instructpack.train.attention import NAME as PACKED_SDPA
-from instructpack.train.step import run_step
+from instructpack.train.step import run_step, summed_loss
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +143,20 @@ def test_clipping_bounds_the_update(setup):
     assert result.grad_norm > 0.5  # reported before clipping
     moved = torch.sqrt(sum(((b - p.detach()) ** 2).sum() for b, p in zip(before, model.parameters())))
     assert moved.item() == pytest.approx(0.5, rel=1e-3)
+
+
+def test_padded_rows_give_the_packed_loss(setup):
+    """The same micro-batch packed (logits at target positions only) and padded (a boolean
+    mask of target positions) gives the same summed loss as the full logits."""
+    model_dir, dataset = setup
+    step, _ = one_step(dataset, max_batch_len=4096)
+    sampler = MultipackSampler(dataset.lengths, effective_batch_size=len(dataset), max_batch_len=4096, seed=3)
+    ref = next(iter(sampler))
+    packed, padded = collate_packed(dataset, ref), collate_padded(dataset, ref, pad_token_id=0)
+    model = fresh_model(model_dir).eval()
+    with torch.no_grad():
+        full_logits = model(**packed.model_inputs(), use_cache=False).logits[0]
+        full = torch.nn.functional.cross_entropy(full_logits, packed.shift_labels[0], reduction="sum").item()
+        assert packed.target_positions.numel() == packed.num_targets < packed.num_tokens
+        assert summed_loss(model, packed).item() == pytest.approx(full, rel=1e-5)
+        assert summed_loss(model, padded).item() == pytest.approx(full, rel=1e-5)

@@ -32,6 +32,7 @@ class MicroBatch:
     cu_seqlens: torch.Tensor  # [n + 1] int32 sample boundaries in the packed row
     max_seqlen: int
     attention_mask: torch.Tensor | None  # padded only: 1 on real tokens
+    target_positions: torch.Tensor | None  # packed only: [num_targets] int64, positions with a target
     num_samples: int
     num_tokens: int  # real tokens, without padding
     num_targets: int  # positions with a target here
@@ -79,6 +80,9 @@ def collate_packed(dataset: TokenDataset, ref: MicroBatchRef) -> MicroBatch:
         cu_seqlens=torch.from_numpy(cu_seqlens),
         max_seqlen=int(lengths.max()) if len(lengths) else 0,
         attention_mask=None,
+        # Found here, on the CPU (often in a loader worker), not on the GPU: the training
+        # step computes logits only at these positions without a device sync to find them.
+        target_positions=torch.from_numpy(np.flatnonzero(shift_labels != IGNORE_INDEX)),
         num_samples=len(ref.sample_ids),
         num_tokens=len(input_ids),
         num_targets=int(dataset.target_counts[ref.sample_ids].sum()),
@@ -103,4 +107,5 @@ def collate_padded(dataset: TokenDataset, ref: MicroBatchRef, pad_token_id: int)
     attention_mask[row, col] = 1
     positions = np.broadcast_to(np.arange(longest, dtype=np.int64), (n, longest)).copy()
     return replace(packed, input_ids=torch.from_numpy(input_ids), shift_labels=torch.from_numpy(shift_labels),
-                   position_ids=torch.from_numpy(positions), attention_mask=torch.from_numpy(attention_mask))
+                   position_ids=torch.from_numpy(positions), attention_mask=torch.from_numpy(attention_mask),
+                   target_positions=None)

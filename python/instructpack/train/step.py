@@ -10,6 +10,8 @@ the same however the step was split into micro-batches or ranks.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -34,10 +36,40 @@ class StepResult:
 
 
 def summed_loss(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
-    """Cross-entropy summed over the micro-batch's targets (fp32 logits, like transformers)."""
-    logits = model(**mb.model_inputs(), use_cache=False).logits
-    return F.cross_entropy(logits.float().flatten(0, -2), mb.shift_labels.flatten(),
+    """Cross-entropy summed over the micro-batch's targets (fp32 logits, like transformers).
+
+    Logits are computed only where there is a target: the output layer then skips the
+    prompt tokens (often half of a row), and the fp32 logits, tokens x vocabulary, are the
+    largest activation of a step. transformers applies the model's own final scaling or
+    soft-capping to the kept positions as to any other."""
+    keep = _target_positions(mb) if _accepts_logits_to_keep(type(getattr(model, "module", model))) else None
+    if keep is None:
+        logits, labels = model(**mb.model_inputs(), use_cache=False).logits, mb.shift_labels
+    else:
+        logits = model(**mb.model_inputs(), use_cache=False, logits_to_keep=keep).logits
+        labels = mb.shift_labels[:, keep] if keep.dtype != torch.bool else mb.shift_labels[keep]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _target_positions(mb: MicroBatch) -> torch.Tensor | None:
+    """Indices of the positions with a target in a packed row (found by the collator); a
+    boolean mask for padded rows where transformers takes one (5.x), else None (all)."""
+    if mb.target_positions is not None:
+        return mb.target_positions
+    return mb.shift_labels != IGNORE_INDEX if _BOOLEAN_KEEP else None
+
+
+@functools.cache
+def _accepts_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+try:  # transformers >= 5 keeps a per-row boolean mask of positions (flattened output)
+    from transformers.modeling_utils import slice_logits_to_keep as _  # noqa: F401
+    _BOOLEAN_KEEP = True
+except ImportError:
+    _BOOLEAN_KEEP = False
 
 
 def stand_in(mb: MicroBatch, device: torch.device) -> MicroBatch:
@@ -47,7 +79,8 @@ def stand_in(mb: MicroBatch, device: torch.device) -> MicroBatch:
     one = torch.zeros((1, 1), dtype=torch.long, device=device)
     return MicroBatch(input_ids=one, position_ids=one, shift_labels=torch.full_like(one, IGNORE_INDEX),
                       cu_seqlens=torch.tensor([0, 1], dtype=torch.int32, device=device), max_seqlen=1,
-                      attention_mask=None, num_samples=0, num_tokens=0, num_targets=0,
+                      attention_mask=None, target_positions=torch.zeros(0, dtype=torch.long, device=device),
+                      num_samples=0, num_tokens=0, num_targets=0,
                       step_targets=mb.step_targets, epoch=mb.epoch, step=mb.step, index=mb.index, count=mb.count)
 
 
