@@ -32,8 +32,7 @@ per variant, warm-up one micro-batch each: about 2.7 minutes on 2 idle cores. --
 16, max_batch_len 2,048, 2 runs, about 20 s.
 
 Attention: --attn, by default what training picks (train.model.choose_attention:
-"sdpa_packed", SDPA run per sample, on CPU; flash_attention_2 on CUDA when installed; "sdpa"
-if that function is missing). Under transformers' stock "sdpa" (and "eager") a packed row gets
+"sdpa_packed", SDPA run per sample, on CPU; flash_attention_2 on CUDA when installed). Under transformers' stock "sdpa" (and "eager") a packed row gets
 a T x T block-diagonal mask: attention costs T^2 instead of sum(l_i^2), 3.8x here, and SDPA
 loses its causal fast path. Measured on 2 idle cores, default settings, targets/s:
 
@@ -66,6 +65,7 @@ all three variants.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from dataclasses import dataclass, replace
 
@@ -124,23 +124,12 @@ def dataset(n: int, vocab: int, longest: int):
     return synthetic.write_synthetic_dataset(out, lengths, vocab, seed=SEED, trained="runs")
 
 
-def default_attention(device) -> str:
-    """What a training run would pick (instructpack.train.model.choose_attention), or sdpa."""
-    try:
-        from instructpack.train.model import choose_attention
-    except ImportError:
-        return "sdpa"
-    return choose_attention(device, disable_flash_attn=False)
-
-
 def build_model(setup: Setup, attn: str, device, dtype):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    try:  # registers instructpack's attention implementations (sdpa_packed), if present
-        import instructpack.train.attention  # noqa: F401
-    except ImportError:
-        pass
+    from instructpack.train.model import enable_activation_checkpointing
+
     config = LlamaConfig(vocab_size=setup.vocab, hidden_size=setup.hidden, intermediate_size=setup.intermediate,
                          num_hidden_layers=setup.layers, num_attention_heads=setup.heads,
                          num_key_value_heads=setup.kv_heads, max_position_embeddings=setup.max_batch_len,
@@ -148,21 +137,9 @@ def build_model(setup: Setup, attn: str, device, dtype):
     torch.manual_seed(SEED)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
-    if setup.gradient_checkpointing:  # non-reentrant, as training enables it
-        if hasattr(model, "activation_checkpointing_enable"):  # gradient_checkpointing_enable: deprecated alias
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if setup.gradient_checkpointing:
+        enable_activation_checkpointing(model)  # as training enables it
     return model.train()
-
-
-def first_steps(loader, count: int) -> list:
-    steps = []
-    for step in loader:
-        steps.append(step)
-        if len(steps) == count:
-            break
-    return steps
 
 
 def plan_variants(ds, setup: Setup) -> dict:
@@ -178,8 +155,8 @@ def plan_variants(ds, setup: Setup) -> dict:
                                 max_batch_len=setup.max_batch_len, seed=SEED, padded=padded,
                                 target_counts=ds.target_counts)
 
-    packed = first_steps(StepLoader(ds, sampler(False), pad_token_id=PAD_TOKEN_ID), setup.steps)
-    aware = first_steps(StepLoader(ds, sampler(True), pad_token_id=PAD_TOKEN_ID), setup.steps)
+    packed = list(itertools.islice(StepLoader(ds, sampler(False), pad_token_id=PAD_TOKEN_ID), setup.steps))
+    aware = list(itertools.islice(StepLoader(ds, sampler(True), pad_token_id=PAD_TOKEN_ID), setup.steps))
     by_step: dict[int, list] = {}
     for ref in sampler(False):  # a fresh sampler: from the start of epoch 0
         if ref.step >= setup.steps:
@@ -234,13 +211,14 @@ def run(ns: argparse.Namespace) -> int:
     import torch
 
     from instructpack.data.loader import Step
+    from instructpack.train.model import choose_attention, training_dtype
     from instructpack.train.step import run_step
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     setup = (GPU_QUICK if ns.quick else GPU) if cuda else (CPU_QUICK if ns.quick else CPU)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    attn = ns.attn or default_attention(device)
+    dtype = training_dtype(device)
+    attn = ns.attn or choose_attention(device, disable_flash_attn=False)
 
     ds = dataset(setup.effective_batch_size * setup.steps, setup.vocab, setup.max_batch_len)
     variants = plan_variants(ds, setup)
@@ -377,7 +355,7 @@ def add_parser(sub) -> None:
                    help="CPU: a step of ebs 16 at max_batch_len 2,048, 2 runs per variant; CUDA: 1 step, 2 runs")
     p.add_argument("--attn", default=None,
                    help="attn_implementation (default: what training picks, "
-                        "instructpack.train.model.choose_attention; sdpa if that is missing)")
+                        "instructpack.train.model.choose_attention)")
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
                    help=f"CUDA: peak dense bf16 TFLOP/s of the GPU for MFU (default {PEAK_TFLOPS:g}, H100/H200 SXM)")
     p.set_defaults(run=run)

@@ -44,17 +44,22 @@ def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None 
                     "(to a multiple of 8)", vocab_size, embeddings)
         model.resize_token_embeddings(vocab_size, pad_to_multiple_of=8)
     if args.gradient_checkpointing:
-        # Non-reentrant checkpointing works with DDP/FSDP and with frozen inputs (LoRA).
-        # transformers 5.2x renamed the method; the old name still works but warns.
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_activation_checkpointing(model)
     log.info("model %s: %.1fM parameters, %s, attention %s, gradient checkpointing %s", args.model_path,
              sum(p.numel() for p in model.parameters()) / 1e6, training_dtype(device), impl,
              "on" if args.gradient_checkpointing else "off")
     return model.to(device).train()
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in the backward pass. Non-reentrant checkpointing
+    works with DDP/FSDP and with frozen inputs (LoRA). transformers 5.2x renamed the method;
+    the old name still works but warns."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def load_tokenizer(args: TrainingArgs):
