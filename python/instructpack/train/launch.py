@@ -185,6 +185,12 @@ def _run_logged(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[in
         log.flush()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)  # our Ctrl-C handling decides how workers stop
+
+        def log_line(raw: bytes) -> None:
+            line = raw.rsplit(b"\r", 1)[-1].decode("utf-8", "replace")
+            log.write(line + "\n")
+            tail.append(line)
+
         pending = b""
         try:
             while chunk := proc.stdout.read1(1 << 16):
@@ -192,14 +198,10 @@ def _run_logged(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[in
                 sys.stdout.flush()
                 *lines, pending = (pending + chunk).split(b"\n")
                 for raw in lines:
-                    line = raw.rsplit(b"\r", 1)[-1].decode("utf-8", "replace")
-                    log.write(line + "\n")
-                    tail.append(line)
+                    log_line(raw)
                 log.flush()
             if pending:
-                line = pending.rsplit(b"\r", 1)[-1].decode("utf-8", "replace")
-                log.write(line + "\n")
-                tail.append(line)
+                log_line(pending)
             return proc.wait(), list(tail)
         except BaseException:  # KeyboardInterrupt above all: stop the workers, then re-raise
             _stop(proc)
