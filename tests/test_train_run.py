@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from instructpack import ConfigError, TorchrunArgs, TrainingArgs, TrainingError, run_training
+from instructpack.demo import greedy_answer
 from instructpack.examples import FACTS, build_tiny_model, fact_question, generate_fact_conversations, write_jsonl
 from instructpack.train.launch import torchrun_command
 from instructpack.train.metrics import RECORD_FIELDS, MissingSinkError, read_metrics
@@ -49,17 +50,6 @@ def checkpoints(out: Path) -> list[str]:
 
 def weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(directory / "model.safetensors")
-
-
-def greedy_answer(directory: Path, question: str) -> str:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory)
-    inputs = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                           return_tensors="pt", return_dict=True)
-    out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
