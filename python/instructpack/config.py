@@ -161,9 +161,11 @@ def _positive(x: float) -> bool:
 
 
 class DistributedBackend(str, enum.Enum):
-    """How the model is spread over processes."""
+    """How the model is spread over processes: PyTorch FSDP2, DeepSpeed ZeRO, or plain DDP
+    (every rank holds the whole model; not in InstructLab, which has only the first two)."""
     FSDP = "fsdp"
     DEEPSPEED = "deepspeed"
+    DDP = "ddp"
 
 
 class ShardingStrategies(str, enum.Enum):
@@ -212,8 +214,12 @@ class TorchrunArgs(_Config, kw_only=True):
 
 
 class DeepSpeedOptions(_Config, kw_only=True):
-    """DeepSpeed ZeRO stage 2 settings, used when distributed_backend is "deepspeed"."""
+    """DeepSpeed ZeRO settings, used when distributed_backend is "deepspeed"."""
     _root: ClassVar[str] = "deepspeed_options"
+
+    zero_stage: Literal[2, 3] = 2
+    """ZeRO stage: 2 shards optimizer state and gradients; 3 also shards the parameters
+    (less memory per process, more communication). Not in InstructLab, which runs stage 2."""
 
     cpu_offload_optimizer: bool = False
     cpu_offload_optimizer_ratio: float = 1.0
@@ -253,6 +259,10 @@ class LoraOptions(_Config, kw_only=True):
     """Names of the linear layers to adapt; None selects every projection layer ("*_proj")."""
     quantize_data_type: QuantizeDataType | None = None
     """None, or "nf4" to hold the frozen base weights in 4-bit NormalFloat (QLoRA)."""
+    save_merged_model: bool = True
+    """Checkpoints hold the adapter (in `adapter/`, for `peft.PeftModel.from_pretrained`) and
+    the base model with the adapter merged in (loads with transformers alone); False saves
+    the adapter only, at the checkpoint's top level. Not in InstructLab."""
 
     def _check(self) -> None:
         self._need(self.rank >= 0, "rank", "must be >= 1 (or 0 for no LoRA)")
