@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from instructpack import TrainingArgs
+from instructpack.train.backends import Backend
 from instructpack.train.checkpoint import CheckpointSchedule, checkpoint_dir, save_hf_checkpoint
 from instructpack.train.distributed import World
 
@@ -64,13 +65,13 @@ class Tokenizer:
 def test_last_epoch_is_replaced_whole_or_not_at_all(tmp_path):
     target = tmp_path / "hf_format" / "last_epoch"
     model = TinyModel(1.0)
-    save_hf_checkpoint(model, Tokenizer(), target, WORLD)
+    save_hf_checkpoint(Backend(model, None), Tokenizer(), target, WORLD)
     assert (target / "weights.txt").read_text() == "[1.0, 1.0]" and model.config.use_cache is False
 
     with pytest.raises(OSError, match="disk full"):  # a failed write leaves the previous one intact
-        save_hf_checkpoint(TinyModel(2.0), Tokenizer(fail=True), target, WORLD)
+        save_hf_checkpoint(Backend(TinyModel(2.0), None), Tokenizer(fail=True), target, WORLD)
     assert (target / "weights.txt").read_text() == "[1.0, 1.0]"
 
-    save_hf_checkpoint(TinyModel(3.0), Tokenizer(), target, WORLD)
+    save_hf_checkpoint(Backend(TinyModel(3.0), None), Tokenizer(), target, WORLD)
     assert (target / "weights.txt").read_text() == "[3.0, 3.0]"
     assert sorted(p.name for p in target.parent.iterdir()) == ["last_epoch"]  # no temporaries left

@@ -245,8 +245,9 @@ def test_settings_refused_before_launch(workspace, monkeypatch):
         run_training(TorchrunArgs(nnodes=2), args)
     with pytest.raises(ConfigError, match="effective_batch_size"):
         run_training(TorchrunArgs(nproc_per_node=16), args)
-    with pytest.raises(ConfigError, match="lora"):
-        run_training(TorchrunArgs(), training_args(workspace, "refused", lora={"rank": 8}))
+    with pytest.raises(ConfigError, match="distributed_backend.*'ddp'"):  # QLoRA cannot be sharded
+        run_training(TorchrunArgs(), training_args(workspace, "refused",
+                                                   lora={"rank": 8, "quantize_data_type": "nf4"}))
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="nproc_per_node"):
             run_training(TorchrunArgs(nproc_per_node="gpu"), args)

@@ -16,6 +16,7 @@ from instructpack.data.loader import Step, StepLoader
 from instructpack.data.sampler import MultipackSampler
 from instructpack.examples import build_tiny_model, generate_fact_conversations, generate_conversations
 from instructpack.train.attention import NAME as PACKED_SDPA
+from instructpack.train.backends import Backend
 from instructpack.train.step import run_step, summed_loss
 
 
@@ -81,7 +82,7 @@ def test_step_loss_and_update_equal_per_sample_reference(setup, split):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    result = run_step(model, step, optimizer, None, device=torch.device("cpu"), max_grad_norm=math.inf)
+    result = run_step(Backend(model, optimizer), step, None, device=torch.device("cpu"), max_grad_norm=math.inf)
 
     assert result.targets == step.targets == int(dataset.target_counts[ids].sum())
     assert result.loss_sum / result.targets == pytest.approx(ref_loss, rel=1e-5)
@@ -107,7 +108,7 @@ def test_empty_micro_batch_changes_nothing(setup):
     for s in (step, with_empty):
         model = fresh_model(model_dir)
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        result = run_step(model, s, optimizer, None, device=torch.device("cpu"), max_grad_norm=math.inf)
+        result = run_step(Backend(model, optimizer), s, None, device=torch.device("cpu"), max_grad_norm=math.inf)
         updated.append((result, {n: p.detach().clone() for n, p in model.named_parameters()}))
     (a, wa), (b, wb) = updated
     assert b.micro_batches == 2 and b.samples == a.samples and b.targets == a.targets
@@ -125,8 +126,9 @@ def test_grad_scale_multiplies_the_gradient(setup):
     for scale in (1.0, 3.0):
         model = fresh_model(model_dir)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        run_step(model, step, torch.optim.SGD(model.parameters(), lr=1.0), None, device=torch.device("cpu"),
-                 grad_scale=scale, max_grad_norm=math.inf)
+        backend = Backend(model, torch.optim.SGD(model.parameters(), lr=1.0))
+        backend.grad_scale = scale
+        run_step(backend, step, None, device=torch.device("cpu"), max_grad_norm=math.inf)
         deltas.append({n: before[n] - p.detach() for n, p in model.named_parameters()})
     for name in deltas[0]:
         # atol: a weight near 1 (norm scales) stores its change to fp32 resolution, ~1.2e-7
@@ -138,8 +140,8 @@ def test_clipping_bounds_the_update(setup):
     step, _ = one_step(dataset, max_batch_len=4096)
     model = fresh_model(model_dir)
     before = [p.detach().clone() for p in model.parameters()]
-    result = run_step(model, step, torch.optim.SGD(model.parameters(), lr=1.0), None, device=torch.device("cpu"),
-                      max_grad_norm=0.5)
+    result = run_step(Backend(model, torch.optim.SGD(model.parameters(), lr=1.0)), step, None,
+                      device=torch.device("cpu"), max_grad_norm=0.5)
     assert result.grad_norm > 0.5  # reported before clipping
     moved = torch.sqrt(sum(((b - p.detach()) ** 2).sum() for b, p in zip(before, model.parameters())))
     assert moved.item() == pytest.approx(0.5, rel=1e-3)

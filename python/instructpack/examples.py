@@ -197,23 +197,25 @@ def generate_fact_conversations(n: int, seed: int = 0) -> Iterator[dict]:
 
 
 def build_tiny_model(out_dir: str | Path, tokenizer_dir: str | Path, *, hidden_size: int = 64, layers: int = 2,
-                     heads: int = 4, kv_heads: int = 2, seed: int = 0) -> Path:
-    """A randomly initialised Llama sized to the tokenizer, saved with the tokenizer files
-    as a Hugging Face model directory that `from_pretrained` loads."""
+                     heads: int = 4, kv_heads: int = 2, seed: int = 0, architecture: str = "llama") -> Path:
+    """A randomly initialised causal LM (`architecture`: a transformers model type such as
+    "llama" or "qwen3") sized to the tokenizer, saved with the tokenizer files as a Hugging
+    Face model directory that `from_pretrained` loads."""
     import shutil
 
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     out = Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=4096, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = AutoConfig.for_model(architecture, vocab_size=len(tokenizer), hidden_size=hidden_size,
+                                  intermediate_size=hidden_size * 2, num_hidden_layers=layers,
+                                  num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                  head_dim=hidden_size // heads, max_position_embeddings=4096,
+                                  tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(out)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
     for f in Path(tokenizer_dir).iterdir():
         if f.is_file():
             shutil.copy2(f, out / f.name)

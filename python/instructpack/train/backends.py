@@ -28,7 +28,7 @@ import torch
 
 from ..config import DistributedBackend, ShardingStrategies, TrainingArgs
 from .distributed import World
-from .model import training_dtype
+from .model import hf_model, training_dtype
 from .optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class FSDPBackend(Backend):
     """
     name = "FSDP2"
 
-    def __init__(self, model: torch.nn.Module, world: World, args: TrainingArgs, local_world_size: int):
+    def __init__(self, model: torch.nn.Module, world: World, args: TrainingArgs):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -112,7 +112,8 @@ class FSDPBackend(Backend):
         strategy = options.sharding_strategy
         device_type = world.device.type
         if strategy == ShardingStrategies.HYBRID_SHARD:
-            mesh = init_device_mesh(device_type, (world.world_size // local_world_size, local_world_size),
+            per_node = world.local_world_size
+            mesh = init_device_mesh(device_type, (world.world_size // per_node, per_node),
                                     mesh_dim_names=("replicate", "shard"))
         elif strategy == ShardingStrategies.NO_SHARD:
             mesh = init_device_mesh(device_type, (world.world_size, 1), mesh_dim_names=("replicate", "shard"))
@@ -145,12 +146,25 @@ class FSDPBackend(Backend):
             return None
         # Master weights are fp32 under mixed precision; the checkpoint keeps the training
         # dtype (bf16 on GPUs) instead of doubling its size.
-        return {k: v.to(self.save_dtype) if v.is_floating_point() else v for k, v in state.items()}
+        return {k: v.to(self.save_dtype) if v.is_floating_point() else v
+                for k, v in without_tied_copies(self.model, state).items()}
+
+
+def without_tied_copies(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A gathered state dict holds a separate copy of each tied weight (an output layer tied
+    to the input embeddings) under every name. `save_pretrained` drops ties only when the
+    tensors share storage, so the checkpoint would carry the copy; keep the first name."""
+    first: dict[int, str] = {}
+    copies = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            copies.add(name)
+    return {k: v for k, v in state.items() if k not in copies}
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The repeated blocks of a transformers model (`_no_split_modules` names their class)."""
-    names = set(getattr(_hf_model(model), "_no_split_modules", None) or ())
+    names = set(getattr(hf_model(model), "_no_split_modules", None) or ())
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
         raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard "
@@ -158,18 +172,12 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a peft wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A DTensor (FSDP2's gradient norm) as a plain tensor."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def build_backend(model: torch.nn.Module, args: TrainingArgs, world: World,
-                  local_world_size: int | None = None) -> Backend:
+def build_backend(model: torch.nn.Module, args: TrainingArgs, world: World) -> Backend:
     """The backend `args.distributed_backend` names. Under "ddp" one process trains the
     model as it is; FSDP2 and DeepSpeed wrap even one process (mixed precision, offload)."""
     backend = args.distributed_backend
@@ -177,7 +185,7 @@ def build_backend(model: torch.nn.Module, args: TrainingArgs, world: World,
         from .deepspeed_backend import DeepSpeedBackend
         return DeepSpeedBackend(model, world, args)
     if backend == DistributedBackend.FSDP:
-        return FSDPBackend(model, world, args, local_world_size or world.world_size)
+        return FSDPBackend(model, world, args)
     if world.distributed:
         return DDPBackend(model, world, args)
     return Backend(model, build_optimizer(model, args), world)

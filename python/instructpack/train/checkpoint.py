@@ -18,12 +18,15 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainingArgs
+from ..config import LoraOptions, TrainingArgs
+from .backends import Backend
 from .distributed import World, barrier
+from .model import hf_model, training_dtype
 
 log = logging.getLogger(__name__)
 
 HF_FORMAT = "hf_format"
+DEEPSPEED_FORMAT = "deepspeed"  # DeepSpeed-native checkpoints (deepspeed_options.save_samples)
 LAST = "last_epoch"
 
 
@@ -36,8 +39,12 @@ class CheckpointSchedule:
 
     @classmethod
     def from_args(cls, args: TrainingArgs) -> "CheckpointSchedule":
-        every = max(1, round(args.save_samples / args.effective_batch_size)) if args.save_samples > 0 else None
-        return cls(every, args.checkpoint_at_epoch)
+        return cls.every(args.save_samples, args.effective_batch_size, at_epoch_end=args.checkpoint_at_epoch)
+
+    @classmethod
+    def every(cls, save_samples: int | None, effective_batch_size: int, *, at_epoch_end: bool) -> "CheckpointSchedule":
+        steps = max(1, round(save_samples / effective_batch_size)) if save_samples and save_samples > 0 else None
+        return cls(steps, at_epoch_end)
 
     def due(self, global_step: int, epoch_end: bool, last_step: bool) -> bool:
         """After optimizer step `global_step` (1-based). The end of training always saves."""
@@ -45,31 +52,43 @@ class CheckpointSchedule:
                 or (self.every_steps is not None and global_step % self.every_steps == 0))
 
 
-def checkpoint_dir(ckpt_output_dir: str | Path, total_samples: int, keep_last_only: bool) -> Path:
+def checkpoint_dir(ckpt_output_dir: str | Path, total_samples: int, keep_last_only: bool,
+                   kind: str = HF_FORMAT) -> Path:
     name = LAST if keep_last_only else f"samples_{total_samples}"
-    return Path(ckpt_output_dir) / HF_FORMAT / name
+    return Path(ckpt_output_dir) / kind / name
 
 
-def save_hf_checkpoint(model: torch.nn.Module, tokenizer, directory: Path, world: World) -> None:
-    """Called on every rank (sharded backends gather weights collectively); rank 0 writes."""
-    state = model.state_dict()
+def save_hf_checkpoint(backend: Backend, tokenizer, directory: Path, world: World,
+                       lora: LoraOptions | None = None) -> None:
+    """Called on every rank (sharded backends gather the weights collectively); rank 0
+    writes. A LoRA run writes the adapter and, unless turned off, the merged model."""
+    state = backend.full_state_dict()
     if world.is_main:
         tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
-            config = model.config
-            use_cache, config.use_cache = config.use_cache, True  # trained without; generate with
-            try:
-                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            finally:
-                config.use_cache = use_cache
-            tokenizer.save_pretrained(tmp)
+            if lora is not None:
+                from .lora import save_lora_checkpoint
+                save_lora_checkpoint(backend.model, state, tokenizer, tmp, save_merged=lora.save_merged_model,
+                                     dtype=training_dtype(world.device))
+            else:
+                _save_model(hf_model(backend.model), state, tmp)
+                tokenizer.save_pretrained(tmp)
             _replace(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         log.info("saved checkpoint %s", directory)
     barrier(world)
+
+
+def _save_model(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+    config = model.config
+    use_cache, config.use_cache = config.use_cache, True  # trained without; generate with
+    try:
+        model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+    finally:
+        config.use_cache = use_cache
 
 
 def _replace(tmp: Path, target: Path) -> None:

@@ -16,6 +16,7 @@ class World:
     local_rank: int
     world_size: int
     device: torch.device
+    local_world_size: int = 1  # processes on this machine (FSDP's hybrid sharding mesh)
 
     @property
     def is_main(self) -> bool:
@@ -27,21 +28,23 @@ class World:
 
 
 def init_distributed(timeout_minutes: float = 30) -> World:
-    """Reads torchrun's environment; joins the process group (nccl on CUDA, gloo on CPU)
-    when there is more than one process. Without torchrun it is a single CPU/GPU process."""
+    """Reads torchrun's environment and joins the process group (nccl on CUDA, gloo on CPU),
+    even with one process: FSDP2 and DeepSpeed need a group. Without torchrun it is a
+    single CPU/GPU process with no group."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    if "MASTER_ADDR" in os.environ and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
-    return World(rank, local_rank, world_size, device)
+    return World(rank, local_rank, world_size, device, local_world_size)
 
 
 def all_reduce(values: list[float], world: World, op: str = "sum") -> list[float]:
@@ -55,7 +58,7 @@ def all_reduce(values: list[float], world: World, op: str = "sum") -> list[float
 
 
 def barrier(world: World) -> None:
-    if world.distributed:
+    if world.distributed and dist.is_initialized():
         dist.barrier()
 
 

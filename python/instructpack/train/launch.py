@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import ConfigError, DataProcessArgs, TorchrunArgs, TrainingArgs, config_from_dict
+from ..config import ConfigError, DataProcessArgs, DistributedBackend, TorchrunArgs, TrainingArgs, config_from_dict
 from .job import JobConfig, write_job
 from .metrics import check_sinks
 
@@ -91,9 +91,12 @@ def _world_size(t: TorchrunArgs) -> int | None:
 
 
 def _check_supported(t: TorchrunArgs, args: TrainingArgs) -> None:
-    if args.lora is not None:
-        raise ConfigError("training_args", ("lora",), "LoRA and QLoRA training are not available in this version "
-                          "yet; set lora to null (or rank 0) for a full fine-tune", args.lora)
+    if args.lora is not None and args.lora.quantize_data_type is not None \
+            and args.distributed_backend != DistributedBackend.DDP:
+        raise ConfigError("training_args", ("distributed_backend",),
+                          f"QLoRA (lora.quantize_data_type={args.lora.quantize_data_type.value!r}) keeps the base "
+                          "weights in bitsandbytes 4-bit tensors, which FSDP2 and DeepSpeed cannot shard here; set "
+                          "distributed_backend to 'ddp'", args.distributed_backend.value)
     world = _world_size(t)
     if world is not None and args.effective_batch_size < world:
         raise ConfigError("training_args", ("effective_batch_size",),

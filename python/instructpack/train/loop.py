@@ -8,25 +8,18 @@ import time
 import msgspec
 import torch
 
-from ..config import TrainingArgs
+from ..config import DistributedBackend, TrainingArgs
 from ..data.loader import Step, StepLoader
 from ..data.sampler import MultipackSampler
 from ..data.shards import TokenDataset
-from .checkpoint import CheckpointSchedule, checkpoint_dir, save_hf_checkpoint
+from .backends import Backend, build_backend
+from .checkpoint import DEEPSPEED_FORMAT, CheckpointSchedule, checkpoint_dir, save_hf_checkpoint
 from .distributed import World, all_reduce
 from .metrics import MetricsLogger, ProgressBar, peak_memory_mib
-from .optim import build_optimizer, build_scheduler
+from .optim import build_scheduler
 from .step import StepResult, run_step
 
 log = logging.getLogger(__name__)
-
-
-def wrap_for_data_parallel(model: torch.nn.Module, world: World) -> torch.nn.Module:
-    """DDP over the process group; a single process trains the model as it is."""
-    if not world.distributed:
-        return model
-    device_ids = [world.device] if world.device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def step_record(step: Step, result: StepResult, world: World, global_step: int, samples_before: int,
@@ -52,29 +45,30 @@ def step_record(step: Step, result: StepResult, world: World, global_step: int, 
 
 
 def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, dataset: TokenDataset,
-          *, progress_bar: bool = False) -> None:
+          *, progress_bar: bool = False) -> Backend:
+    """Runs every epoch; returns the backend holding the trained model."""
     sampler = MultipackSampler(dataset.lengths, effective_batch_size=args.effective_batch_size,
                                max_batch_len=args.max_batch_len, world_size=world.world_size, rank=world.rank,
                                seed=args.random_seed, target_counts=dataset.target_counts)
     loader = StepLoader(dataset, sampler, pin_memory=world.device.type == "cuda")
     total_steps = sampler.steps_per_epoch * args.num_epochs
-    optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args, total_steps)
-    trained_model = wrap_for_data_parallel(model, world)
+    backend = build_backend(model, args, world)
+    scheduler = build_scheduler(backend.optimizer, args, total_steps)
     checkpoints = CheckpointSchedule.from_args(args)
+    native_checkpoints = (CheckpointSchedule.every(args.deepspeed_options.save_samples, args.effective_batch_size,
+                                                   at_epoch_end=False)
+                          if args.distributed_backend == DistributedBackend.DEEPSPEED
+                          and args.deepspeed_options.save_samples else None)
     metrics = MetricsLogger(args.ckpt_output_dir, args, run_config=msgspec.to_builtins(args)) if world.is_main else None
     bar = ProgressBar(total_steps, enabled=world.is_main and progress_bar)
-    log.info("training: %d samples, %d epochs of %d steps, %d processes", len(dataset), args.num_epochs,
-             sampler.steps_per_epoch, world.world_size)
+    log.info("training: %d samples, %d epochs of %d steps, %d processes (%s)", len(dataset), args.num_epochs,
+             sampler.steps_per_epoch, world.world_size, backend.name)
 
     global_step, total_samples, start = 0, 0, time.perf_counter()
     try:
         while sampler.epoch < args.num_epochs:
             for step in loader:
-                # DDP averages gradients over ranks; the loss is already normalised by the
-                # whole step's target count, so scale the average back up to the sum.
-                result = run_step(trained_model, step, optimizer, scheduler, device=world.device,
-                                  grad_scale=world.world_size)
+                result = run_step(backend, step, scheduler, device=world.device)
                 record = step_record(step, result, world, global_step + 1, total_samples, start)
                 global_step, total_samples = record["step"], record["total_samples"]
                 if metrics is not None:
@@ -84,13 +78,17 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
                     log.info("step %d/%d epoch %d: loss %.4f, lr %.3g, grad norm %.3g, %.0f tokens/s",
                              global_step, total_steps, step.epoch, record["loss"], record["lr"],
                              record["grad_norm"], record["tokens_per_s"])
-                epoch_end = step.step == sampler.steps_per_epoch - 1
-                if checkpoints.due(global_step, epoch_end, last_step=global_step == total_steps):
-                    save_hf_checkpoint(model, tokenizer, checkpoint_dir(
-                        args.ckpt_output_dir, total_samples, args.keep_last_checkpoint_only), world)
+                epoch_end, last_step = step.step == sampler.steps_per_epoch - 1, global_step == total_steps
+                if checkpoints.due(global_step, epoch_end, last_step):
+                    save_hf_checkpoint(backend, tokenizer, checkpoint_dir(
+                        args.ckpt_output_dir, total_samples, args.keep_last_checkpoint_only), world, args.lora)
+                if native_checkpoints is not None and native_checkpoints.due(global_step, epoch_end, last_step):
+                    backend.save_native_checkpoint(checkpoint_dir(
+                        args.ckpt_output_dir, total_samples, args.keep_last_checkpoint_only, DEEPSPEED_FORMAT))
     finally:
         bar.close()
         if metrics is not None:
             metrics.close()
     log.info("training done: %d steps, %d samples in %.1f s", global_step, total_samples,
              time.perf_counter() - start)
+    return backend

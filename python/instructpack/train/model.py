@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainingArgs
+from ..config import DistributedBackend, TrainingArgs
 from . import attention
 
 log = logging.getLogger(__name__)
@@ -27,16 +27,29 @@ def training_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def load_dtype(args: TrainingArgs, device: torch.device) -> torch.dtype:
+    """FSDP2 on a GPU keeps fp32 master weights and computes in bf16 (its mixed-precision
+    policy casts each layer on the fly); everything else loads in the training dtype."""
+    if device.type == "cuda" and args.distributed_backend == DistributedBackend.FSDP:
+        return torch.float32
+    return training_dtype(device)
+
+
 def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None = None) -> torch.nn.Module:
     """`from_pretrained` in the training dtype and attention, without a KV cache (a cache
-    disables transformers' packed-row detection), with gradient checkpointing if asked.
+    disables transformers' packed-row detection), with gradient checkpointing if asked,
+    and LoRA adapters (over 4-bit base weights for QLoRA) when `args.lora` is set.
     `vocab_size`: the tokenizer's; embeddings grow to cover it when the model's are smaller."""
     from transformers import AutoModelForCausalLM
 
     impl = choose_attention(device, args.disable_flash_attn)
-    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=training_dtype(device),
+    if args.lora is not None:
+        from . import lora  # peft takes seconds to import; full fine-tunes skip it
+    quantization = lora.quantization_config(args.lora, device) if args.lora is not None else None
+    placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
+    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=load_dtype(args, device),
                                                  attn_implementation=impl,
-                                                 trust_remote_code=args.trust_remote_code)
+                                                 trust_remote_code=args.trust_remote_code, **placement)
     model.config.use_cache = False
     embeddings = model.get_input_embeddings().num_embeddings
     if vocab_size is not None and vocab_size > embeddings:
@@ -46,9 +59,13 @@ def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None 
     if args.gradient_checkpointing:
         enable_activation_checkpointing(model)
     log.info("model %s: %.1fM parameters, %s, attention %s, gradient checkpointing %s", args.model_path,
-             sum(p.numel() for p in model.parameters()) / 1e6, training_dtype(device), impl,
+             sum(p.numel() for p in model.parameters()) / 1e6, load_dtype(args, device), impl,
              "on" if args.gradient_checkpointing else "off")
-    return model.to(device).train()
+    if args.lora is not None:
+        model = lora.apply_lora(model, args.lora, gradient_checkpointing=args.gradient_checkpointing)
+    if not quantization:  # a quantized model is already placed, and refuses .to()
+        model = model.to(device)
+    return model.train()
 
 
 def enable_activation_checkpointing(model: torch.nn.Module) -> None:
@@ -60,6 +77,12 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def hf_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside a DDP/DeepSpeed wrapper (`.module`) and a peft wrapper."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def load_tokenizer(args: TrainingArgs):

@@ -9,7 +9,6 @@ the same however the step was split into micro-batches or ranks.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import time
@@ -20,6 +19,8 @@ import torch.nn.functional as F
 
 from ..data.collate import IGNORE_INDEX, MicroBatch
 from ..data.loader import Step
+from .backends import Backend
+from .model import hf_model
 
 
 @dataclass
@@ -42,7 +43,7 @@ def summed_loss(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
     prompt tokens (often half of a row), and the fp32 logits, tokens x vocabulary, are the
     largest activation of a step. transformers applies the model's own final scaling or
     soft-capping to the kept positions as to any other."""
-    keep = _target_positions(mb) if _accepts_logits_to_keep(type(getattr(model, "module", model))) else None
+    keep = _target_positions(mb) if _accepts_logits_to_keep(type(hf_model(model))) else None
     if keep is None:
         logits, labels = model(**mb.model_inputs(), use_cache=False).logits, mb.shift_labels
     else:
@@ -84,14 +85,13 @@ def stand_in(mb: MicroBatch, device: torch.device) -> MicroBatch:
                       step_targets=mb.step_targets, epoch=mb.epoch, step=mb.step, index=mb.index, count=mb.count)
 
 
-def run_step(model: torch.nn.Module, step: Step, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler | None, *, device: torch.device,
-             grad_scale: float = 1.0, max_grad_norm: float = 1.0) -> StepResult:
-    """Forward and backward over the step's micro-batches, clip, update.
+def run_step(backend: Backend, step: Step, scheduler: torch.optim.lr_scheduler.LRScheduler | None, *,
+             device: torch.device, max_grad_norm: float = 1.0) -> StepResult:
+    """Forward and backward over the step's micro-batches, then clip and update.
 
-    `grad_scale` undoes the backend's gradient averaging: DDP and FSDP divide the summed
-    gradients by the world size, while the step loss is already normalised by the
-    step-wide target count, so ranks pass `grad_scale=world_size`.
+    Every backend averages gradients over ranks, while the step loss is already normalised
+    by the step-wide target count, so each loss is multiplied by `backend.grad_scale` (the
+    world size) to turn the average back into the sum.
     """
     start = time.perf_counter()
     denominator = max(step.targets, 1)  # a step with no targets at all updates nothing
@@ -100,21 +100,17 @@ def run_step(model: torch.nn.Module, step: Step, optimizer: torch.optim.Optimize
     last = len(step.micro_batches) - 1
     for i, mb in enumerate(step.micro_batches):
         mb = stand_in(mb, device) if mb.empty else mb.to(device, non_blocking=True)
-        # DDP: all-reduce gradients once, in the last backward of the step.
-        sync = contextlib.nullcontext() if i == last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
-            loss = summed_loss(model, mb)
-            (loss * (grad_scale / denominator)).backward()
+        with backend.sync(last=i == last):  # gradients cross ranks once, in the last backward
+            loss = summed_loss(backend.module, mb)
+            backend.backward(loss * (backend.grad_scale / denominator))
         loss_sum += loss.detach()
         targets += mb.num_targets
         tokens += mb.num_tokens
         samples += mb.num_samples
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
+    lr = backend.lr
+    grad_norm = backend.step(max_grad_norm)
     if scheduler is not None:
         scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     return StepResult(loss_sum=loss_sum.item(), targets=targets, tokens=tokens, samples=samples,
-                      micro_batches=len(step.micro_batches), grad_norm=float(grad_norm), lr=lr,
+                      micro_batches=len(step.micro_batches), grad_norm=grad_norm, lr=lr,
                       seconds=time.perf_counter() - start)

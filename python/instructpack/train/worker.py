@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..data.shards import load_dataset
+from .backends import Backend
 from .distributed import World, init_distributed, shutdown
 from .job import JobConfig, read_job
 from .loop import train
@@ -41,7 +42,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def run(job: JobConfig, world: World) -> None:
+def run(job: JobConfig, world: World) -> Backend:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its per-save "Writing model shards" bars clutter the log
@@ -51,12 +52,7 @@ def run(job: JobConfig, world: World) -> None:
     tokenizer = load_tokenizer(args)
     vocab = dataset.manifest.get("tokenizer", {}).get("vocab_size")
     model = load_model(args, world.device, vocab_size=max(vocab or 0, len(tokenizer)))
-    if world.distributed:
-        # FSDP2 and DeepSpeed ZeRO are not wired in yet: every backend runs as DDP for now.
-        log.info("data parallel over %d processes: DDP over %s (distributed_backend=%s runs as DDP)",
-                 world.world_size, "nccl" if world.device.type == "cuda" else "gloo",
-                 args.distributed_backend.value)
-    train(args, world, model, tokenizer, dataset, progress_bar=job.progress_bar)
+    return train(args, world, model, tokenizer, dataset, progress_bar=job.progress_bar)
 
 
 def write_failure(failure_dir: str, rank: int, exc: BaseException) -> None:
