@@ -208,10 +208,14 @@ def per_sample_attention(attn: str, padded: bool) -> bool:
 
 
 def run(ns: argparse.Namespace) -> int:
+    if ns.backend:
+        from . import backends
+        return backends.run(ns)
     import torch
 
     from instructpack.data.loader import Step
     from instructpack.train.model import choose_attention, training_dtype
+    from instructpack.train.backends import Backend
     from instructpack.train.step import run_step
 
     cuda = torch.cuda.is_available()
@@ -246,7 +250,7 @@ def run(ns: argparse.Namespace) -> int:
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        results = [run_step(model, step, optimizer, None, device=device) for step in steps]  # .item() syncs
+        results = [run_step(Backend(model, optimizer), step, None, device=device) for step in steps]  # .item() syncs
         seconds = time.perf_counter() - start
         return seconds, results[0].loss_sum / max(results[0].targets, 1)
 
@@ -358,4 +362,9 @@ def add_parser(sub) -> None:
                         "instructpack.train.model.choose_attention)")
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS,
                    help=f"CUDA: peak dense bf16 TFLOP/s of the GPU for MFU (default {PEAK_TFLOPS:g}, H100/H200 SXM)")
+    p.add_argument("--backend", nargs="+", metavar="NAME",
+                   help="instead: compare backends (ddp, fsdp, deepspeed; space- or comma-separated) through "
+                        "run_training on one model and dataset, tokens/s and peak memory side by side "
+                        "(benchmarks/backends.py)")
+    p.add_argument("--lora", action="store_true", help="with --backend: train LoRA adapters")
     p.set_defaults(run=run)

@@ -15,7 +15,7 @@ from ..data.shards import TokenDataset
 from .backends import Backend, build_backend
 from .checkpoint import DEEPSPEED_FORMAT, CheckpointSchedule, checkpoint_dir, save_hf_checkpoint
 from .distributed import World, all_reduce
-from .metrics import MetricsLogger, ProgressBar, peak_memory_mib
+from .metrics import MetricsLogger, ProgressBar, peak_memory_mib, reset_peak_memory
 from .optim import build_scheduler
 from .step import StepResult, run_step
 
@@ -68,6 +68,7 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
     try:
         while sampler.epoch < args.num_epochs:
             for step in loader:
+                reset_peak_memory(world.device)
                 result = run_step(backend, step, scheduler, device=world.device)
                 record = step_record(step, result, world, global_step + 1, total_samples, start)
                 global_step, total_samples = record["step"], record["total_samples"]

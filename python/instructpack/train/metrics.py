@@ -273,6 +273,21 @@ class ProgressBar:
         self._bar.close()
 
 
+def reset_peak_memory(device: Any) -> None:
+    """Starts a new peak for peak_memory_mib, so each step reports its own (loading the
+    model can need more than training does)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # Linux: resets VmHWM to the current resident set
+    except OSError:
+        pass  # elsewhere the peak stays that of the whole process
+
+
 def peak_memory_mib(device: Any) -> float:
     """Peak memory of this process in MiB: CUDA memory allocated by torch on a CUDA device,
     otherwise the peak resident set size of the process."""
@@ -281,6 +296,11 @@ def peak_memory_mib(device: Any) -> float:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes.
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    try:
+        # Linux: VmHWM is the peak of this process's own memory; ru_maxrss carries the
+        # parent's peak across exec (a torchrun agent that imported torch).
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # macOS: bytes; else KiB

@@ -56,7 +56,7 @@ def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None 
         log.warning("the tokenizer has %d tokens and the model's embeddings %d rows: growing the embeddings "
                     "(to a multiple of 8)", vocab_size, embeddings)
         model.resize_token_embeddings(vocab_size, pad_to_multiple_of=8)
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing and args.lora is None:  # apply_lora turns it on after preparing the model
         enable_activation_checkpointing(model)
     log.info("model %s: %.1fM parameters, %s, attention %s, gradient checkpointing %s", args.model_path,
              sum(p.numel() for p in model.parameters()) / 1e6, load_dtype(args, device), impl,
