@@ -44,7 +44,7 @@ FULL_FINE_TUNES = {  # name: (model, backend settings)
     "qwen3-fsdp-full-shard": ("qwen3", {"fsdp_options": {"sharding_strategy": "FULL_SHARD"}}),
     "qwen3-zero3": ("qwen3", {"distributed_backend": "deepspeed", "deepspeed_options": {"zero_stage": 3}}),
 }
-LORA = {"rank": 8, "alpha": 16, "dropout": 0.0}
+LORA = {"rank": 16, "alpha": 32, "dropout": 0.0}
 ADAPTERS = {
     "lora-ddp": {"distributed_backend": "ddp", "lora": LORA},
     "lora-fsdp": {"fsdp_options": {"sharding_strategy": "FULL_SHARD"}, "lora": LORA},
@@ -60,6 +60,9 @@ def runs(tmp_path_factory, tokenizer_dirs) -> dict[str, Path]:
     data = write_jsonl(root / "facts.jsonl", generate_fact_conversations(64, seed=3))
     models = {arch: build_tiny_model(root / arch, tokenizer_dirs["chatml"], architecture=arch)
               for arch in ("llama", "qwen3")}
+    # Adapters train on a frozen output layer: with the usual 0.02 initialisation its logits
+    # stay near 0 whatever the adapters do, and the loss cannot fall far below log(vocabulary).
+    models["llama-base"] = build_tiny_model(root / "llama-base", tokenizer_dirs["chatml"], initializer_range=0.3)
     jobs = {}
 
     def add(name: str, arch: str, settings: dict, **overrides) -> None:
@@ -77,7 +80,7 @@ def runs(tmp_path_factory, tokenizer_dirs) -> dict[str, Path]:
     for name, (arch, settings) in FULL_FINE_TUNES.items():
         add(name, arch, settings)
     for name, settings in ADAPTERS.items():  # long enough to learn; adapters with activation checkpointing
-        add(name, "llama", settings, learning_rate=2e-2, num_epochs=5 if "qlora" not in name else 3,
+        add(name, "llama-base", settings, learning_rate=2e-2, num_epochs=4 if "qlora" not in name else 3,
             gradient_checkpointing=True)
 
     log = root / "runs.log"
@@ -141,13 +144,15 @@ def test_lora_learns_and_saves_adapter_and_merged_model(runs, name):
     from transformers import AutoModelForCausalLM
 
     curve = losses(runs[name])
-    assert curve[-1] < 0.6 * curve[0]
+    assert curve[-1] < 0.1 * curve[0]
     if name != "lora-ddp":  # the same adapter training under a sharded backend
-        assert curve == pytest.approx(losses(runs["lora-ddp"]), rel=1e-4)
+        reference = losses(runs["lora-ddp"])
+        assert curve[:4] == pytest.approx(reference[:4], rel=1e-4)  # the first epoch
+        assert curve == pytest.approx(reference, rel=1e-2)  # later, lr 2e-2 amplifies rounding
     trained = torch.load(runs[name] / "probe_logits.pt")
     directory = final_checkpoint(runs[name])
 
-    base = AutoModelForCausalLM.from_pretrained(runs["models"]["llama"])
+    base = AutoModelForCausalLM.from_pretrained(runs["models"]["llama-base"])
     adapter = PeftModel.from_pretrained(base, directory / "adapter")
     torch.testing.assert_close(probe_logits(adapter), trained, rtol=1e-5, atol=1e-5)
 
@@ -165,12 +170,12 @@ def test_qlora_trains_4bit_and_saves_a_loadable_adapter(runs):
     from instructpack.train.lora import quantization_config
 
     curve = losses(runs["qlora-ddp"])
-    assert curve[-1] < 0.7 * curve[0]
+    assert curve[-1] < 0.2 * curve[0]
     trained = torch.load(runs["qlora-ddp"] / "probe_logits.pt")
     directory = final_checkpoint(runs["qlora-ddp"])
 
     base = AutoModelForCausalLM.from_pretrained(
-        runs["models"]["llama"], device_map={"": "cpu"},
+        runs["models"]["llama-base"], device_map={"": "cpu"},
         quantization_config=quantization_config(LoraOptions(quantize_data_type="nf4"), torch.device("cpu")))
     adapter = PeftModel.from_pretrained(base, directory / "adapter")
     torch.testing.assert_close(probe_logits(adapter), trained, rtol=1e-4, atol=1e-4)

@@ -177,13 +177,15 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def build_backend(model: torch.nn.Module, args: TrainingArgs, world: World) -> Backend:
+def build_backend(model: torch.nn.Module, args: TrainingArgs, world: World, micro_batches: int = 1) -> Backend:
     """The backend `args.distributed_backend` names. Under "ddp" one process trains the
-    model as it is; FSDP2 and DeepSpeed wrap even one process (mixed precision, offload)."""
+    model as it is; FSDP2 and DeepSpeed wrap even one process (mixed precision, offload).
+    `micro_batches`: the most micro-batches a step of the plan has (DeepSpeed's gradient
+    accumulation steps, for its bookkeeping)."""
     backend = args.distributed_backend
     if backend == DistributedBackend.DEEPSPEED:
         from .deepspeed_backend import DeepSpeedBackend
-        return DeepSpeedBackend(model, world, args)
+        return DeepSpeedBackend(model, world, args, gradient_accumulation_steps=micro_batches)
     if backend == DistributedBackend.FSDP:
         return FSDPBackend(model, world, args)
     if world.distributed:

@@ -52,7 +52,7 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
                                seed=args.random_seed, target_counts=dataset.target_counts)
     loader = StepLoader(dataset, sampler, pin_memory=world.device.type == "cuda")
     total_steps = sampler.steps_per_epoch * args.num_epochs
-    backend = build_backend(model, args, world)
+    backend = build_backend(model, args, world, micro_batches=int(sampler.plan(sampler.epoch).micro_batches_per_step.max()))
     scheduler = build_scheduler(backend.optimizer, args, total_steps)
     checkpoints = CheckpointSchedule.from_args(args)
     native_checkpoints = (CheckpointSchedule.every(args.deepspeed_options.save_samples, args.effective_batch_size,

@@ -1,0 +1,270 @@
+"""DeepSpeed ZeRO (stage 2 or 3) as a `Backend` (see backends.py); imported only when used.
+
+The training math is the one of the DDP/FSDP backends, step for step:
+- The optimizer is `build_optimizer`'s torch AdamW (weight decay on matrices only), given to
+  `deepspeed.initialize` as the client optimizer. ZeRO wraps that very object, so the
+  learning rate the caller's scheduler writes into `backend.optimizer.param_groups` is the
+  one the update uses (the ZeRO wrapper keeps the same group dicts and only swaps their
+  "params" for its fp32 partitions).
+- One optimizer step per step of the plan, whatever its number of micro-batches: `sync(last)`
+  sets DeepSpeed's gradient-accumulation boundary by hand (`set_gradient_accumulation_boundary`),
+  so DeepSpeed's own micro-step counter never decides when to step, and `backward` passes
+  `scale_wrt_gas=False`, so DeepSpeed does not divide the loss by its
+  `gradient_accumulation_steps` either (the loss is already divided by the step's target
+  count). `gradient_accumulation_steps` in the config then only feeds DeepSpeed's sample
+  bookkeeping (train_batch_size); `step()` refuses to run off the boundary, where DeepSpeed
+  would silently skip the update.
+- DeepSpeed averages gradients over ranks like DDP; `grad_scale` (the world size) undoes it.
+- Clipping is DeepSpeed's (`gradient_clipping`, same formula as `clip_grad_norm_`);
+  `step()` returns the global gradient norm before clipping.
+- bf16 with fp32 master weights in the ZeRO optimizer on CUDA; plain fp32 on the CPU.
+
+Optimizer offload (`cpu_offload_optimizer`) keeps the fp32 master weights and AdamW state
+in host memory and runs the update there. On CUDA the update runs in DeepSpeedCPUAdam (in
+AdamW mode, built from the same parameter groups and hyper-parameters): ZeRO-Offload is
+designed around it, it is several times faster than torch's AdamW on the CPU, and ZeRO-3's
+partial offload (`cpu_offload_optimizer_ratio` < 1) requires it; its C++ op is compiled on
+first use (about a minute, then cached by torch), and if it cannot be built the backend
+falls back to torch AdamW with a warning. On a CPU-only machine the update runs on the CPU
+anyway, so torch AdamW is kept ("zero_force_ds_cpu_optimizer": false lets ZeRO-Offload take
+a client optimizer): no compilation (DeepSpeedCPUAdam takes minutes to build there) and the
+exact same math as the other backends. The ratio is only honoured by ZeRO-3 with
+DeepSpeedCPUAdam; elsewhere everything is offloaded (ratio 1) and a warning says so.
+
+No JIT builds. This DeepSpeed is installed without pre-compiled ops, and any op it loads is
+compiled on the spot. The one a CPU run would hit is the shared-memory all-reduce kernel
+(`deepspeed_shm_comm`, ~150 s on every start): `deepspeed.comm`'s TorchBackend builds it
+whenever `deepspeed.ops.__compatible_ops__` says the op is compatible. That kernel serves only
+`inference_all_reduce` (tensor-parallel inference); training collectives go through
+torch.distributed (gloo on CPU, nccl on CUDA). So before DeepSpeed creates its comm backend
+we mark the op incompatible in that dict, which DeepSpeed probes once per process and keeps
+as a module attribute precisely so that edits to it persist; TorchBackend then skips it as
+it does on any platform where the op cannot be built. Nothing else is compiled: the client
+optimizer replaces FusedAdam/CPUAdam (except DeepSpeedCPUAdam under offload on CUDA, above),
+no NVMe swapping (async_io) and no quantized communication are configured. (oneCCL's op is
+only built when oneccl_bindings_for_pytorch is installed, which this project does not use.)
+
+DeepSpeed needs a process group even for one process; with a world size of 1 (no torchrun
+group) the backend joins a one-process group on an in-memory store, which the usual
+`distributed.shutdown()` destroys (and sets LOCAL_RANK, RANK and WORLD_SIZE where torchrun
+has not, as DeepSpeed reads them from the environment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..config import TrainingArgs
+from .backends import Backend
+from .distributed import World
+from .optim import build_optimizer
+
+log = logging.getLogger(__name__)
+
+# DeepSpeed ops that would be JIT-compiled at start-up and that training does not need.
+_SKIPPED_OPS = ("deepspeed_shm_comm",)
+
+
+def deepspeed_config(args: TrainingArgs, device_type: str, *, gradient_accumulation_steps: int = 1,
+                     max_grad_norm: float = 1.0, ds_cpu_adam: bool | None = None,
+                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict for `args` on a "cuda" or "cpu" device.
+
+    `gradient_accumulation_steps`: the planner's micro-batch count (bookkeeping only, see the
+    module docstring). `ds_cpu_adam`: whether the offloaded update runs in DeepSpeedCPUAdam
+    (default: on CUDA with offload). `overrides` are merged in last, key by key (nested dicts
+    recursively), for DeepSpeed settings TrainingArgs does not cover."""
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    options = args.deepspeed_options
+    offload = options.cpu_offload_optimizer
+    if ds_cpu_adam is None:
+        ds_cpu_adam = offload and device_type == "cuda"
+    zero: dict[str, Any] = {"stage": options.zero_stage}
+    if offload:
+        # The partial ratio exists only in ZeRO-3 and only with DeepSpeedCPUAdam (its "backup"
+        # optimizer handles the part left on the GPU).
+        ratio = options.cpu_offload_optimizer_ratio if options.zero_stage == 3 and ds_cpu_adam else 1.0
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": options.cpu_offload_optimizer_pin_memory,
+                                     "ratio": ratio}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,  # one packed micro-batch per backward
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "gradient_clipping": float(max_grad_norm),
+        "bf16": {"enabled": device_type == "cuda"},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+        # Offload with a client optimizer that is not DeepSpeedCPUAdam (torch AdamW on CPU).
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": None,  # the training loop logs
+        "wall_clock_breakdown": False,
+    }
+    return _merge(config, overrides or {})
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def import_deepspeed():
+    """`import deepspeed` without its start-up JIT builds (see the module docstring)."""
+    import deepspeed
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__  # probed once per process (~0.1 s), then cached
+    for name in _SKIPPED_OPS:
+        compatible[name] = False
+    return deepspeed
+
+
+def _ensure_process_group(world: World) -> None:
+    """DeepSpeed needs torch.distributed and the LOCAL_RANK variable even for one process
+    (torchrun sets the variables and init_distributed joins its group when there are more)."""
+    os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
+    if dist.is_initialized():
+        return
+    if world.world_size != 1:
+        raise RuntimeError("DeepSpeed with several processes needs the torchrun process group "
+                           "(init_distributed) before the backend is built")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    backend = "nccl" if world.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+class DeepSpeedBackend(Backend):
+    """DeepSpeed ZeRO stage 2 (optimizer state and gradients sharded) or 3 (parameters too).
+
+    `module` is the DeepSpeed engine (forward runs on it); `model` the model it wraps;
+    `optimizer` the client AdamW that ZeRO steps (schedulers go on it); `engine` the
+    `DeepSpeedEngine` itself."""
+    name = "DeepSpeed"
+
+    def __init__(self, model: torch.nn.Module, world: World, args: TrainingArgs, *,
+                 gradient_accumulation_steps: int = 1, max_grad_norm: float = 1.0,
+                 config_overrides: dict[str, Any] | None = None):
+        deepspeed = import_deepspeed()
+        _ensure_process_group(world)
+        options = args.deepspeed_options
+        device_type = world.device.type
+        optimizer = build_optimizer(model, args)
+        ds_cpu_adam = options.cpu_offload_optimizer and device_type == "cuda"
+        if ds_cpu_adam:
+            try:
+                optimizer = _cpu_adam(optimizer, args)
+            except RuntimeError as exc:  # the cpu_adam op cannot be compiled here
+                log.warning("DeepSpeedCPUAdam is unavailable (%s); the offloaded update runs in torch AdamW", exc)
+                ds_cpu_adam = False
+        if (options.cpu_offload_optimizer and options.cpu_offload_optimizer_ratio < 1.0
+                and not (options.zero_stage == 3 and ds_cpu_adam)):
+            log.warning("cpu_offload_optimizer_ratio < 1 needs ZeRO stage 3 with DeepSpeedCPUAdam (CUDA); "
+                        "the whole optimizer is offloaded")
+        self.config = deepspeed_config(args, device_type, gradient_accumulation_steps=gradient_accumulation_steps,
+                                       max_grad_norm=max_grad_norm, ds_cpu_adam=ds_cpu_adam,
+                                       overrides=config_overrides)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.config)
+        self.engine = engine
+        self.stage = options.zero_stage
+        self.max_grad_norm = float(self.config["gradient_clipping"])
+        dtype = "bf16 (fp32 master weights)" if self.config["bf16"]["enabled"] else "fp32"
+        offload = ""
+        if options.cpu_offload_optimizer:
+            ratio = self.config["zero_optimization"]["offload_optimizer"]["ratio"]
+            offload = (f", optimizer offloaded to the CPU ({type(optimizer).__name__}"
+                       f"{f', ratio {ratio:g}' if ratio < 1 else ''}"
+                       f"{', pinned' if options.cpu_offload_optimizer_pin_memory else ''})")
+        log.info("DeepSpeed %s ZeRO stage %d on %d process%s, %s%s", deepspeed.__version__, self.stage,
+                 world.world_size, "" if world.world_size == 1 else "es", dtype, offload)
+        super().__init__(model, optimizer, world, engine)
+
+    @contextlib.contextmanager
+    def sync(self, last: bool) -> Iterator[None]:
+        # ZeRO reduces (stage 2: reduce-scatters) gradients in every backward; the boundary
+        # decides whether this backward completes the step's gradients.
+        self.engine.set_gradient_accumulation_boundary(last)
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self, max_grad_norm: float) -> float:
+        if max_grad_norm != self.max_grad_norm:
+            raise ValueError(f"DeepSpeed clips to its configured gradient_clipping={self.max_grad_norm}, "
+                             f"not {max_grad_norm}; pass max_grad_norm to DeepSpeedBackend")
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError("DeepSpeedBackend.step() without sync(last=True) around the last backward: "
+                               "DeepSpeed would skip the update")
+        self._sync_backup_lr()
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def _sync_backup_lr(self) -> None:
+        # ZeRO-3 partial offload steps the part left on the GPU with a "backup" torch AdamW
+        # whose first group is a copy made at start-up, so scheduler updates would not reach it.
+        backup = getattr(self.engine.optimizer, "backup_optimizer", None)
+        if backup is not None:
+            for mine, theirs in zip(self.optimizer.param_groups, backup.param_groups):
+                theirs["lr"] = mine["lr"]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Rank 0: every weight under the model's own state-dict keys, on the CPU, in the
+        training dtype (ZeRO-3 gathers the 16-bit weights, one module at a time); None
+        elsewhere. A collective under ZeRO-3."""
+        if self.stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.model.state_dict() if self.world.is_main else None
+        if not self.world.is_main:
+            return None
+        return _detached_cpu_copy(state)
+
+    def save_native_checkpoint(self, directory: str | Path, client_state: dict | None = None) -> None:
+        """A DeepSpeed checkpoint (sharded weights, optimizer and engine state, under a
+        `global_step<N>` tag with a `latest` file) in `directory`. A collective."""
+        self.engine.save_checkpoint(str(directory), client_state=client_state or {})
+
+    def load_native_checkpoint(self, directory: str | Path) -> dict | None:
+        """Load the latest checkpoint `save_native_checkpoint` wrote in `directory` (same
+        world size); returns its client_state. A collective."""
+        path, client_state = self.engine.load_checkpoint(str(directory))
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
+        return client_state
+
+
+def _cpu_adam(optimizer: torch.optim.Optimizer, args: TrainingArgs) -> torch.optim.Optimizer:
+    """DeepSpeedCPUAdam in AdamW mode with `optimizer`'s groups (weight decay on matrices only)."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    return DeepSpeedCPUAdam(groups, lr=args.learning_rate, betas=args.adamw_betas, eps=args.adamw_eps,
+                            weight_decay=args.adamw_weight_decay, adamw_mode=True)
+
+
+def _detached_cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Own CPU copies, so the result shares no memory with live (possibly flattened or
+    gathered) training buffers; tensors that shared memory (tied weights) stay one tensor."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for key, t in state.items():
+        t = t.detach()
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+        if ident not in copies:
+            copies[ident] = t.to("cpu", copy=True).contiguous()
+        out[key] = copies[ident]
+    return out
