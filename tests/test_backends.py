@@ -167,7 +167,7 @@ def test_qlora_trains_4bit_and_saves_a_loadable_adapter(runs):
     from transformers import AutoModelForCausalLM
 
     from instructpack.config import LoraOptions
-    from instructpack.train.lora import quantization_config
+    from instructpack.train.lora import keep_4bit_layout, quantization_config
 
     curve = losses(runs["qlora-ddp"])
     assert curve[-1] < 0.2 * curve[0]
@@ -177,8 +177,9 @@ def test_qlora_trains_4bit_and_saves_a_loadable_adapter(runs):
     base = AutoModelForCausalLM.from_pretrained(
         runs["models"]["llama-base"], device_map={"": "cpu"},
         quantization_config=quantization_config(LoraOptions(quantize_data_type="nf4"), torch.device("cpu")))
+    keep_4bit_layout(base)  # as training ran: no bf16 repacking by bitsandbytes' CPU inference path
     adapter = PeftModel.from_pretrained(base, directory / "adapter")
-    torch.testing.assert_close(probe_logits(adapter), trained, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(probe_logits(adapter), trained, rtol=1e-5, atol=1e-5)
 
     merged = AutoModelForCausalLM.from_pretrained(directory)  # full precision, no bitsandbytes
     assert "quantization_config" not in merged.config.to_dict()
