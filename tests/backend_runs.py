@@ -3,9 +3,13 @@ group: `python -m torch.distributed.run --standalone --nproc-per-node 2
 tests/backend_runs.py JOB.json...`. Starting torchrun and importing torch costs seconds per
 launch on a small machine; the backend tests run a dozen short jobs.
 
-After each job, the trained model's logits on a fixed probe row, computed through the
-backend's own (sharded, wrapped) module, are saved by rank 0 to
-`ckpt_output_dir/probe_logits.pt`: what a checkpoint must reproduce."""
+After each job, rank 0 saves to the job's ckpt_output_dir:
+- `probe_logits.pt`: the trained model's logits on a fixed probe row, computed through the
+  backend's own (sharded, wrapped) module: what the HF checkpoint must reproduce;
+- `state_check.pt`: the training state round trip. The backend saves its sharded state
+  (`save_state`), a fresh model and backend load it (`load_state`), and both take the same
+  extra step: equal losses and probe logits after it mean that weights and optimizer state
+  came back whole."""
 
 from __future__ import annotations
 
@@ -14,11 +18,45 @@ from pathlib import Path
 
 import torch
 
+from instructpack.data.loader import StepLoader
+from instructpack.data.sampler import MultipackSampler
+from instructpack.data.shards import load_dataset
+from instructpack.train.backends import build_backend
 from instructpack.train.distributed import init_distributed, shutdown
 from instructpack.train.job import read_job
+from instructpack.train.model import load_model
+from instructpack.train.step import run_step
 from instructpack.train.worker import run, setup_logging
 
 PROBE = torch.arange(3, 43).reshape(1, -1)  # 40 ids inside every test vocabulary
+
+
+def probe_logits(backend, device) -> torch.Tensor:
+    backend.module.eval()  # LoRA dropout off
+    with torch.no_grad():
+        logits = backend.module(input_ids=PROBE.to(device), use_cache=False).logits.float().cpu()
+    backend.module.train()
+    return logits
+
+
+def state_round_trip(job, world, backend) -> dict:
+    args = job.training_args
+    directory = Path(args.ckpt_output_dir) / "state"
+    backend.save_state(directory)
+    restored = build_backend(load_model(args, world.device), args, world)
+    restored.load_state(directory)
+    dataset = load_dataset(job.dataset_path)
+    sampler = MultipackSampler(dataset.lengths, effective_batch_size=args.effective_batch_size,
+                               max_batch_len=args.max_batch_len, world_size=world.world_size, rank=world.rank,
+                               seed=args.random_seed, target_counts=dataset.target_counts)
+    step = next(iter(StepLoader(dataset, sampler)))
+    out = {}
+    for name, b in (("original", backend), ("restored", restored)):
+        for group in b.optimizer.param_groups:  # the schedule ended at 0: an update needs a rate
+            group["lr"] = args.learning_rate
+        result = run_step(b, step, None, device=world.device)
+        out[name] = {"loss": result.loss_sum / max(result.targets, 1), "logits": probe_logits(b, world.device)}
+    return out
 
 
 def main(paths: list[str]) -> None:
@@ -28,11 +66,12 @@ def main(paths: list[str]) -> None:
             job = read_job(path)
             setup_logging(job.training_args.log_level, world.rank)
             backend = run(job, world)
-            backend.module.eval()  # LoRA dropout off
-            with torch.no_grad():
-                logits = backend.module(input_ids=PROBE.to(world.device), use_cache=False).logits
+            logits = probe_logits(backend, world.device)
+            check = state_round_trip(job, world, backend)
             if world.is_main:
-                torch.save(logits.float().cpu(), Path(job.training_args.ckpt_output_dir) / "probe_logits.pt")
+                out = Path(job.training_args.ckpt_output_dir)
+                torch.save(logits, out / "probe_logits.pt")
+                torch.save(check, out / "state_check.pt")
     finally:
         shutdown()
 

@@ -203,7 +203,7 @@ def test_mock_data_needs_no_data_path():
 
 
 @pytest.mark.parametrize("name,bad,allowed", [
-    ("distributed_backend", "ddp", "'fsdp', 'deepspeed'"),
+    ("distributed_backend", "megatron", "'fsdp', 'deepspeed', 'ddp'"),
     ("lr_scheduler", "step", "'cosine', 'linear', 'constant'"),
     ("log_level", "VERBOSE", "'DEBUG'"),
     ("logger_type", "async,csv", "tensorboard"),

@@ -273,12 +273,12 @@ def _worker(out: str, names: list[str]) -> None:
             losses.append(loss_sum.item() / targets)
         state = backend.full_state_dict()
         directory = Path(out).parent / f"native_{name}"
-        backend.save_native_checkpoint(directory, client_state={"note": name})
+        backend.save_state(directory, client_state={"note": name})
 
         # A fresh model, differently initialised, then the native checkpoint.
         again = DeepSpeedBackend(_tiny_model(lora, seed=7), world, args, gradient_accumulation_steps=GAS,
                                  config_overrides=OVERRIDES)
-        client_state = again.load_native_checkpoint(directory)
+        client_state = again.load_state(directory)
         reloaded = again.full_state_dict()
         from deepspeed.ops.op_builder.builder import OpBuilder
         loaded_ops = [None] * world.world_size

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -71,6 +72,40 @@ class Backend:
         if self.world is not None and not self.world.is_main:
             return None
         return self.model.state_dict()
+
+    def save_state(self, directory: str | Path) -> None:
+        """The trained weights and the optimizer state for resuming, sharded as they live in
+        memory: each rank writes its own shards (torch.distributed.checkpoint; replicated
+        tensors once). Frozen weights (a LoRA base) are not saved: they reload from
+        model_path. A collective."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._training_state(), checkpoint_id=str(directory))
+
+    def load_state(self, directory: str | Path) -> None:
+        """Reads what `save_state` wrote into this backend's model and optimizer, resharded
+        onto this world. A collective."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._training_state()
+        dcp.load(state, checkpoint_id=str(directory))
+        # Not strict: the frozen weights are missing on purpose, and dcp.load has already
+        # failed on any trained weight the checkpoint lacks.
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"], options=_TRAINED_ONLY(strict=False))
+
+    def _training_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=_TRAINED_ONLY())
+        return {"model": model_state, "optimizer": optimizer_state}
+
+
+def _TRAINED_ONLY(strict: bool = True):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=strict)
 
 
 class DDPBackend(Backend):

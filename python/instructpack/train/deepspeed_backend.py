@@ -233,13 +233,13 @@ class DeepSpeedBackend(Backend):
             return None
         return _detached_cpu_copy(state)
 
-    def save_native_checkpoint(self, directory: str | Path, client_state: dict | None = None) -> None:
+    def save_state(self, directory: str | Path, client_state: dict | None = None) -> None:
         """A DeepSpeed checkpoint (sharded weights, optimizer and engine state, under a
         `global_step<N>` tag with a `latest` file) in `directory`. A collective."""
         self.engine.save_checkpoint(str(directory), client_state=client_state or {})
 
-    def load_native_checkpoint(self, directory: str | Path) -> dict | None:
-        """Load the latest checkpoint `save_native_checkpoint` wrote in `directory` (same
+    def load_state(self, directory: str | Path) -> dict | None:
+        """Load the latest checkpoint `save_state` wrote in `directory` (same
         world size); returns its client_state. A collective."""
         path, client_state = self.engine.load_checkpoint(str(directory))
         if path is None:

@@ -84,7 +84,7 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
                     save_hf_checkpoint(backend, tokenizer, checkpoint_dir(
                         args.ckpt_output_dir, total_samples, args.keep_last_checkpoint_only), world, args.lora)
                 if native_checkpoints is not None and native_checkpoints.due(global_step, epoch_end, last_step):
-                    backend.save_native_checkpoint(checkpoint_dir(
+                    backend.save_state(checkpoint_dir(
                         args.ckpt_output_dir, total_samples, args.keep_last_checkpoint_only, DEEPSPEED_FORMAT))
     finally:
         bar.close()
