@@ -4,17 +4,20 @@ data trained through `run_training` once per backend, side by side.
 Each backend is one whole `run_training` (torchrun, one process per CPU core pair here, per
 GPU on CUDA), so its numbers are what a user gets: tokens/s is the median over the timed
 steps of the run's own metrics.jsonl (the first steps are warm-up: allocator, first
-collectives), and peak memory is the largest per-process peak of the run (CUDA: memory
-allocated by torch; CPU: the process's peak resident set, VmHWM, which includes about
-0.5 GiB of imported libraries). The first step's loss is printed too: every backend does
+collectives), and peak memory is the largest per-process, per-step peak of the run (CUDA:
+memory allocated by torch; CPU: the process's peak resident set during the step, VmHWM,
+which includes about 0.5 GiB of imported libraries). On CPU the workers run with
+MALLOC_MMAP_THRESHOLD_=65536: glibc then maps every large tensor on its own and returns it
+on free, so the resident set follows live tensors; by default glibc raises that threshold
+after the first large free, and memory freed while loading the model stays resident. The first step's loss is printed too: every backend does
 the same math, so it must agree. Ratios are against the first backend named, run in the
 same invocation.
 
-CPU: a Llama from config, 6 layers, hidden 384, intermediate 1,024, vocabulary 8,000,
-16.7M parameters (fp32 weights 67 MB; AdamW state twice that), untied output layer, 2
-processes, effective batch 16 of synthetic samples 64-512 tokens long (mean ~290),
-max_batch_len 2,048, 8 steps (4 warm-up), gradient checkpointing off. FSDP: FULL_SHARD.
-DeepSpeed: ZeRO-2. --lora: rank 16 adapters on every projection. --quick: 5 steps, 2 warm-up.
+CPU: a Llama from config, 4 layers, hidden 768, intermediate 2,048, vocabulary 8,000,
+40.6M parameters (fp32 weights 162 MB; AdamW state twice that), untied output layer, 2
+processes, effective batch 8 of synthetic samples 64-512 tokens long (mean ~290),
+max_batch_len 1,024, 8 steps (3 warm-up), gradient checkpointing off. FSDP: FULL_SHARD.
+DeepSpeed: ZeRO-2. --lora: rank 16 adapters on every projection. --quick: 4 steps, 2 warm-up.
 CUDA (written, not run here): TinyLlama-1.1B's shape, bf16, one process per GPU, ebs 64,
 max_batch_len 8,192, gradient checkpointing on.
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import shutil
 from dataclasses import dataclass, replace
 
@@ -53,9 +57,9 @@ class Setup:
     gradient_checkpointing: bool
 
 
-CPU = Setup(layers=6, hidden=384, intermediate=1024, heads=6, vocab=8000, samples=128, shortest=64, longest=512,
-            effective_batch_size=16, max_batch_len=2048, steps=8, warmup_steps=4, gradient_checkpointing=False)
-CPU_QUICK = replace(CPU, steps=5, warmup_steps=2)
+CPU = Setup(layers=4, hidden=768, intermediate=2048, heads=12, vocab=8000, samples=128, shortest=64, longest=512,
+            effective_batch_size=8, max_batch_len=1024, steps=8, warmup_steps=3, gradient_checkpointing=False)
+CPU_QUICK = replace(CPU, steps=4, warmup_steps=2)
 GPU = Setup(layers=22, hidden=2048, intermediate=5632, heads=32, vocab=32000, samples=1024, shortest=256,
             longest=4096, effective_batch_size=64, max_batch_len=8192, steps=12, warmup_steps=4,
             gradient_checkpointing=True)
@@ -122,6 +126,8 @@ def run(ns: argparse.Namespace) -> int:
     # Only the timed steps are needed: a dataset of exactly that many steps.
     setup = replace(setup, samples=min(setup.samples, setup.effective_batch_size * setup.steps))
     model_dir, data_dir = build_inputs(setup)
+    if not cuda:
+        os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # see the module docstring
     print(f"{'CUDA' if cuda else 'CPU'}: Llama {setup.layers} layers, hidden {setup.hidden}, vocabulary {setup.vocab}"
           f"{', LoRA rank 16' if ns.lora else ''}; {nproc} processes, ebs {setup.effective_batch_size}, "
           f"max_batch_len {setup.max_batch_len}, {setup.steps} steps ({setup.warmup_steps} warm-up)", flush=True)

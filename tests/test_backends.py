@@ -36,7 +36,7 @@ FULL_FINE_TUNES = {  # name: (model, backend settings)
     "llama-fsdp-hybrid-shard": ("llama", {"fsdp_options": {"sharding_strategy": "HYBRID_SHARD"}}),
     "llama-fsdp-no-shard": ("llama", {"fsdp_options": {"sharding_strategy": "NO_SHARD"}}),
     "llama-fsdp-offload": ("llama", {"fsdp_options": {"sharding_strategy": "FULL_SHARD", "cpu_offload_params": True}}),
-    "llama-zero2": ("llama", {"distributed_backend": "deepspeed"}),
+    "llama-zero2": ("llama", {"distributed_backend": "deepspeed", "deepspeed_options": {"save_samples": 32}}),
     "llama-zero3": ("llama", {"distributed_backend": "deepspeed", "deepspeed_options": {"zero_stage": 3}}),
     "llama-zero2-offload": ("llama", {"distributed_backend": "deepspeed",
                                       "deepspeed_options": {"cpu_offload_optimizer": True}}),
@@ -136,6 +136,15 @@ def test_checkpoint_loads_and_reproduces_the_trained_model(runs, name):
     reference = AutoModelForCausalLM.from_pretrained(reference_dir)
     for (key, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_deepspeed_native_checkpoints_every_save_samples(runs):
+    """deepspeed_options.save_samples=32 with 16 samples per step: every 2 steps."""
+    native = runs["llama-zero2"] / "deepspeed"
+    assert sorted(p.name for p in native.iterdir()) == ["samples_32", "samples_64"]
+    for directory in native.iterdir():
+        tag = (directory / "latest").read_text().strip()
+        assert any((directory / tag).glob("*optim_states.pt"))  # DeepSpeed's own sharded format
 
 
 @pytest.mark.parametrize("name", [n for n in ADAPTERS if n.startswith("lora")])

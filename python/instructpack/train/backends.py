@@ -29,7 +29,7 @@ import torch
 
 from ..config import DistributedBackend, ShardingStrategies, TrainingArgs
 from .distributed import World
-from .model import hf_model, training_dtype
+from .model import decoder_layers, training_dtype
 from .optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ class Backend:
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Rank 0: every weight, on the CPU, in the training dtype; other ranks: None."""
+        """Rank 0: every weight in the training dtype (sharded backends gather them onto the
+        CPU); other ranks: None."""
         if self.world is not None and not self.world.is_main:
             return None
         return self.model.state_dict()
@@ -93,16 +94,16 @@ class Backend:
         # Not strict: the frozen weights are missing on purpose, and dcp.load has already
         # failed on any trained weight the checkpoint lacks.
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"], options=_TRAINED_ONLY(strict=False))
+                       optim_state_dict=state["optimizer"], options=_trained_only(strict=False))
 
     def _training_state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=_TRAINED_ONLY())
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=_trained_only())
         return {"model": model_state, "optimizer": optimizer_state}
 
 
-def _TRAINED_ONLY(strict: bool = True):
+def _trained_only(strict: bool = True):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(ignore_frozen_params=True, strict=strict)
@@ -162,6 +163,8 @@ class FSDPBackend(Backend):
         for layer in decoder_layers(model):
             fully_shard(layer, **kwargs)
         fully_shard(model, **kwargs)
+        if not options.cpu_offload_params:
+            model.to(world.device)  # only this process's shards: the model was loaded on the CPU
         self.save_dtype = training_dtype(world.device)
         log.info("FSDP2 %s over a %s mesh%s", strategy.value, tuple(mesh.shape),
                  ", parameters offloaded to the CPU" if options.cpu_offload_params else "")
@@ -195,16 +198,6 @@ def without_tied_copies(model: torch.nn.Module, state: dict[str, torch.Tensor]) 
         if first.setdefault(id(param), name) != name:
             copies.add(name)
     return {k: v for k, v in state.items() if k not in copies}
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of a transformers model (`_no_split_modules` names their class)."""
-    names = set(getattr(hf_model(model), "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard "
-                         "(its _no_split_modules is empty)")
-    return layers
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

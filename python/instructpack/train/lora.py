@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..config import LoraOptions, QuantizeDataType
-from .model import enable_activation_checkpointing, hf_model, training_dtype
+from .model import decoder_layers, enable_activation_checkpointing, hf_model, training_dtype
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +49,18 @@ def quantization_config(options: LoraOptions | None, device: torch.device):
 
 
 def default_target_modules(model: torch.nn.Module) -> list[str]:
-    """The distinct names of the linear layers inside the decoder blocks (the classes the
-    model's `_no_split_modules` names): the attention and MLP projections, never the
-    embeddings or the output layer. bitsandbytes' Linear4bit/Linear8bitLt are nn.Linear."""
-    base = hf_model(model)
-    blocks = set(getattr(base, "_no_split_modules", None) or ())
+    """The distinct names of the linear layers inside the decoder blocks (model.decoder_layers):
+    the attention and MLP projections, never the embeddings or the output layer.
+    bitsandbytes' Linear4bit/Linear8bitLt are nn.Linear."""
     names: list[str] = []
-    for block in base.modules():
-        if type(block).__name__ not in blocks:
-            continue
+    for block in decoder_layers(model):
         for name, module in block.named_modules():
             leaf = name.rsplit(".", 1)[-1]
             if isinstance(module, torch.nn.Linear) and leaf not in names:
                 names.append(leaf)
     if not names:
-        raise ValueError(f"found no linear layers in the decoder blocks of {type(base).__name__} "
-                         f"(_no_split_modules: {sorted(blocks)}); set lora.target_modules")
+        raise ValueError(f"found no linear layers in the decoder blocks of {type(hf_model(model)).__name__}; "
+                         "set lora.target_modules")
     return names
 
 

@@ -38,7 +38,8 @@ def load_dtype(args: TrainingArgs, device: torch.device) -> torch.dtype:
 def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None = None) -> torch.nn.Module:
     """`from_pretrained` in the training dtype and attention, without a KV cache (a cache
     disables transformers' packed-row detection), with gradient checkpointing if asked,
-    and LoRA adapters (over 4-bit base weights for QLoRA) when `args.lora` is set.
+    and LoRA adapters (over 4-bit base weights for QLoRA) when `args.lora` is set. On
+    `device`, except under FSDP2, which moves it there once sharded.
     `vocab_size`: the tokenizer's; embeddings grow to cover it when the model's are smaller."""
     from transformers import AutoModelForCausalLM
 
@@ -63,7 +64,9 @@ def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None 
              "on" if args.gradient_checkpointing else "off")
     if args.lora is not None:
         model = lora.apply_lora(model, args.lora, gradient_checkpointing=args.gradient_checkpointing)
-    if not quantization:  # a quantized model is already placed, and refuses .to()
+    # A quantized model is already placed (and refuses .to()). FSDP2 places the model
+    # itself after sharding, so a GPU only ever receives this process's shards.
+    if not quantization and args.distributed_backend != DistributedBackend.FSDP:
         model = model.to(device)
     return model.train()
 
@@ -83,6 +86,17 @@ def hf_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a DDP/DeepSpeed wrapper (`.module`) and a peft wrapper."""
     model = getattr(model, "module", model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a transformers model (its `_no_split_modules` names their
+    class): FSDP2's units of sharding, and where LoRA looks for projections."""
+    names = set(getattr(hf_model(model), "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"cannot find the decoder layers of {type(hf_model(model)).__name__} "
+                         f"(_no_split_modules: {sorted(names)})")
+    return layers
 
 
 def load_tokenizer(args: TrainingArgs):
