@@ -321,7 +321,8 @@ class TrainingArgs(_Config, kw_only=True):
     distributed_backend: DistributedBackend = DistributedBackend.FSDP
     fsdp_options: FSDPOptions = msgspec.field(default_factory=FSDPOptions)
     deepspeed_options: DeepSpeedOptions = msgspec.field(default_factory=DeepSpeedOptions)
-    """The backend, "fsdp" or "deepspeed", and the settings of each (objects or mappings)."""
+    """The backend, "fsdp" (FSDP2), "deepspeed" (ZeRO) or "ddp", and the settings of each
+    (objects or mappings); see the README's Backends section."""
     lora: LoraOptions | None = None
     """LoRA/QLoRA settings; None (or rank 0, turned into None) trains all weights."""
     disable_flash_attn: bool = False

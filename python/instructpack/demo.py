@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import time
 from pathlib import Path
 
@@ -49,7 +50,11 @@ def main(argv: list[str] | None = None) -> None:
     ns = parser.parse_args(argv)
     root = Path(ns.output)
     start = time.perf_counter()
+    import torch
     from transformers.utils import logging as hf_logging
+
+    if not torch.cuda.is_available():  # transformers imports DeepSpeed, which warns when it must guess
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     hf_logging.disable_progress_bar()  # no per-file load/save bars in the demo's output
 

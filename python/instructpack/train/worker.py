@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(job.training_args.log_level, rank)
     try:
         world = init_distributed()
+        if world.device.type == "cpu":  # what DeepSpeed would pick, without its warning that it guessed
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         run(job, world)
     except BaseException as exc:
         write_failure(job.failure_dir, rank, exc)
