@@ -75,3 +75,10 @@ def test_last_epoch_is_replaced_whole_or_not_at_all(tmp_path):
     save_hf_checkpoint(Backend(TinyModel(3.0), None), Tokenizer(), target, WORLD)
     assert (target / "weights.txt").read_text() == "[3.0, 3.0]"
     assert sorted(p.name for p in target.parent.iterdir()) == ["last_epoch"]  # no temporaries left
+
+
+def test_deepspeed_native_schedule_only_for_deepspeed_with_save_samples():
+    assert CheckpointSchedule.deepspeed_native(args(distributed_backend="deepspeed")) is None
+    assert CheckpointSchedule.deepspeed_native(args(deepspeed_options={"save_samples": 128})) is None  # fsdp
+    s = CheckpointSchedule.deepspeed_native(args(distributed_backend="deepspeed", deepspeed_options={"save_samples": 128}))
+    assert s == CheckpointSchedule(every_steps=2, at_epoch_end=False)

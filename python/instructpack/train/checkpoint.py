@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import LoraOptions, TrainingArgs
+from ..config import DistributedBackend, LoraOptions, TrainingArgs
 from .backends import Backend
 from .distributed import World, barrier
 from .model import hf_model, training_dtype
@@ -40,6 +40,14 @@ class CheckpointSchedule:
     @classmethod
     def from_args(cls, args: TrainingArgs) -> "CheckpointSchedule":
         return cls.every(args.save_samples, args.effective_batch_size, at_epoch_end=args.checkpoint_at_epoch)
+
+    @classmethod
+    def deepspeed_native(cls, args: TrainingArgs) -> "CheckpointSchedule | None":
+        """DeepSpeed-native checkpoints every deepspeed_options.save_samples; None when off."""
+        save_samples = args.deepspeed_options.save_samples
+        if args.distributed_backend != DistributedBackend.DEEPSPEED or not save_samples:
+            return None
+        return cls.every(save_samples, args.effective_batch_size, at_epoch_end=False)
 
     @classmethod
     def every(cls, save_samples: int | None, effective_batch_size: int, *, at_epoch_end: bool) -> "CheckpointSchedule":

@@ -8,7 +8,7 @@ import time
 import msgspec
 import torch
 
-from ..config import DistributedBackend, TrainingArgs
+from ..config import TrainingArgs
 from ..data.loader import Step, StepLoader
 from ..data.sampler import MultipackSampler
 from ..data.shards import TokenDataset
@@ -52,13 +52,11 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
                                seed=args.random_seed, target_counts=dataset.target_counts)
     loader = StepLoader(dataset, sampler, pin_memory=world.device.type == "cuda")
     total_steps = sampler.steps_per_epoch * args.num_epochs
-    backend = build_backend(model, args, world, micro_batches=int(sampler.plan(sampler.epoch).micro_batches_per_step.max()))
+    most_micro_batches = int(sampler.plan(sampler.epoch).micro_batches_per_step.max())
+    backend = build_backend(model, args, world, micro_batches=most_micro_batches)
     scheduler = build_scheduler(backend.optimizer, args, total_steps)
     checkpoints = CheckpointSchedule.from_args(args)
-    native_checkpoints = (CheckpointSchedule.every(args.deepspeed_options.save_samples, args.effective_batch_size,
-                                                   at_epoch_end=False)
-                          if args.distributed_backend == DistributedBackend.DEEPSPEED
-                          and args.deepspeed_options.save_samples else None)
+    native_checkpoints = CheckpointSchedule.deepspeed_native(args)
     metrics = MetricsLogger(args.ckpt_output_dir, args, run_config=msgspec.to_builtins(args)) if world.is_main else None
     bar = ProgressBar(total_steps, enabled=world.is_main and progress_bar)
     log.info("training: %d samples, %d epochs of %d steps, %d processes (%s)", len(dataset), args.num_epochs,
