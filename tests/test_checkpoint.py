@@ -50,6 +50,7 @@ class TinyModel(torch.nn.Module):
     def save_pretrained(self, directory, state_dict, safe_serialization):
         assert self.config.use_cache is True and safe_serialization
         (directory / "weights.txt").write_text(str(state_dict["w"].tolist()))
+        (directory / "config.json").write_text('{"dtype": "float32"}')
 
 
 class Tokenizer:
@@ -82,3 +83,30 @@ def test_deepspeed_native_schedule_only_for_deepspeed_with_save_samples():
     assert CheckpointSchedule.deepspeed_native(args(deepspeed_options={"save_samples": 128})) is None  # fsdp
     s = CheckpointSchedule.deepspeed_native(args(distributed_backend="deepspeed", deepspeed_options={"save_samples": 128}))
     assert s == CheckpointSchedule(every_steps=2, at_epoch_end=False)
+
+
+def test_weights_saved_in_the_training_dtype_with_a_config_that_says_so(tmp_path):
+    """fp32 master weights (FSDP2 and DDP on GPUs) are saved in bf16, the dtype the model
+    computes in; config.json must say bfloat16 too (save_pretrained would write the live
+    model's float32), so dtype="auto" loads what the file holds. Tied weights once."""
+    import json
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from instructpack.train.checkpoint import _save_model
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # gathered: tied weights are separate copies
+    _save_model(model, state, tmp_path, torch.bfloat16)
+
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+        assert "lm_head.weight" not in f.keys()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")
+    assert loaded.dtype == torch.bfloat16 and model.dtype == torch.float32
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight.to(torch.bfloat16))
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # tied again

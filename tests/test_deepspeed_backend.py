@@ -65,6 +65,7 @@ def test_config_stage_3_bf16_on_cuda_and_gas():
     c = config("cuda", zero_stage=3, gradient_accumulation_steps=5)
     assert c["zero_optimization"]["stage"] == 3
     assert c["bf16"] == {"enabled": True}
+    assert c["communication_data_type"] == "fp32"  # gradients reduced in fp32, as under FSDP2
     assert c["gradient_accumulation_steps"] == 5
 
 
@@ -150,7 +151,7 @@ def test_single_process(tmp_path):
 
 # ---------------------------------------------------------------- the worker
 
-def _tiny_model(lora: bool, seed: int = 0):
+def _tiny_model(lora: bool, seed: int = 0, adapter_seed: int | None = None):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -163,10 +164,10 @@ def _tiny_model(lora: bool, seed: int = 0):
         from peft import LoraConfig, get_peft_model
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                  target_modules=["q_proj", "v_proj", "down_proj"]))
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed if adapter_seed is None else adapter_seed)
         with torch.no_grad():  # B starts at zero; make the adapter count from the first step
             for n, p in model.named_parameters():
-                if "lora_B" in n:
+                if "lora_B" in n or (adapter_seed is not None and "lora_A" in n):
                     p.normal_(0, 0.02, generator=g)
     return model
 
@@ -275,9 +276,10 @@ def _worker(out: str, names: list[str]) -> None:
         directory = Path(out).parent / f"native_{name}"
         backend.save_state(directory, client_state={"note": name})
 
-        # A fresh model, differently initialised, then the native checkpoint.
-        again = DeepSpeedBackend(_tiny_model(lora, seed=7), world, args, gradient_accumulation_steps=GAS,
-                                 config_overrides=OVERRIDES)
+        # A fresh model, differently initialised, then the native checkpoint. Under LoRA the
+        # checkpoint leaves out the frozen base, which reloads from the model as it was.
+        fresh = _tiny_model(lora, seed=0, adapter_seed=7) if lora else _tiny_model(lora, seed=7)
+        again = DeepSpeedBackend(fresh, world, args, gradient_accumulation_steps=GAS, config_overrides=OVERRIDES)
         client_state = again.load_state(directory)
         reloaded = again.full_state_dict()
         from deepspeed.ops.op_builder.builder import OpBuilder

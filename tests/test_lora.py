@@ -120,6 +120,20 @@ def test_default_target_modules(arch):
     assert set(found) == PROJECTIONS and len(found) == 7
 
 
+def test_default_target_modules_skip_mixture_of_experts_gates():
+    """Qwen2-MoE: the shared expert's scalar gate is a linear layer but not a projection (in
+    transformers 5 the router and the experts are not nn.Linear at all)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen2_moe", vocab_size=100, hidden_size=64, intermediate_size=128,
+                                  moe_intermediate_size=32, shared_expert_intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert any(n.endswith("shared_expert_gate") for n, _ in model.named_modules())
+    assert set(lora.default_target_modules(model)) == PROJECTIONS
+
+
 def test_default_target_modules_of_4bit_model(models):
     from bitsandbytes.nn import Linear4bit
 

@@ -3,8 +3,11 @@
 A backend owns the wrapped model and the optimizer, and answers the few questions where
 the backends differ inside a step:
 - `module`: what the forward pass is called on (the wrapper);
-- `sync(last)`: a context for one micro-batch's backward, which reduces gradients over
-  ranks only in the last micro-batch of a step;
+- `sync(last)`: a context for one micro-batch's forward and backward, which holds back
+  what can wait for the last micro-batch of a step (DDP's all-reduce, FSDP2's all-reduce
+  across replicas, DeepSpeed's update);
+- `autocast()`: the context of a forward pass (bf16 autocast over fp32 weights for DDP
+  on GPUs);
 - `backward(loss)` and `step(max_grad_norm)` (clip, update, zero the gradients; returns
   the gradient norm before clipping);
 - `full_state_dict()`: the whole model's weights, gathered onto rank 0 for a Hugging Face
@@ -28,8 +31,8 @@ from pathlib import Path
 import torch
 
 from ..config import DistributedBackend, ShardingStrategies, TrainingArgs
-from .distributed import World
-from .model import decoder_layers, training_dtype
+from .distributed import World, ensure_process_group
+from .model import autocast_dtype, decoder_layers
 from .optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -40,16 +43,23 @@ class Backend:
     name = "single process"
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World | None = None,
-                 module: torch.nn.Module | None = None):
+                 module: torch.nn.Module | None = None, autocast_dtype: torch.dtype | None = None):
         self.model = model  # the Hugging Face (or peft) model, unwrapped: config, saving
         self.module = module if module is not None else model  # what forward runs on
         self.optimizer = optimizer
         self.world = world
         self.grad_scale = float(world.world_size) if world is not None else 1.0
+        self.autocast_dtype = autocast_dtype  # fp32 weights computing in bf16 (DDP on GPUs)
 
     @contextlib.contextmanager
     def sync(self, last: bool) -> Iterator[None]:
         yield
+
+    def autocast(self):
+        """The context of a forward pass: bf16 autocast over fp32 master weights, or nothing."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.world.device.type, dtype=self.autocast_dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -116,7 +126,7 @@ class DDPBackend(Backend):
     def __init__(self, model: torch.nn.Module, world: World, args: TrainingArgs):
         device_ids = [world.device] if world.device.type == "cuda" else None
         module = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        super().__init__(model, build_optimizer(model, args), world, module)
+        super().__init__(model, build_optimizer(model, args), world, module, autocast_dtype(args, world.device))
 
     def sync(self, last: bool):
         return contextlib.nullcontext() if last else self.module.no_sync()
@@ -144,60 +154,54 @@ class FSDPBackend(Backend):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+        ensure_process_group(world)
         options = args.fsdp_options
         strategy = options.sharding_strategy
         device_type = world.device.type
-        if strategy == ShardingStrategies.HYBRID_SHARD:
-            per_node = world.local_world_size
-            mesh = init_device_mesh(device_type, (world.world_size // per_node, per_node),
-                                    mesh_dim_names=("replicate", "shard"))
-        elif strategy == ShardingStrategies.NO_SHARD:
-            mesh = init_device_mesh(device_type, (world.world_size, 1), mesh_dim_names=("replicate", "shard"))
-        else:
-            mesh = init_device_mesh(device_type, (world.world_size,), mesh_dim_names=("shard",))
-        kwargs = {"mesh": mesh, "reshard_after_forward": strategy != ShardingStrategies.SHARD_GRAD_OP}
+        shape = mesh_shape(strategy, world.world_size, world.local_world_size)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=("replicate", "shard")[-len(shape):])
+        self.replicated = len(shape) == 2
+        kwargs = {"mesh": mesh}
         if device_type == "cuda":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if options.cpu_offload_params:
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device_type == "cuda")
+        # fully_shard moves each unit's shard to the mesh's device (or keeps it on the CPU
+        # under offload): the model was loaded on the CPU, so a GPU never holds it whole.
         for layer in decoder_layers(model):
-            fully_shard(layer, **kwargs)
-        fully_shard(model, **kwargs)
-        if not options.cpu_offload_params:
-            model.to(world.device)  # only this process's shards: the model was loaded on the CPU
-        self.save_dtype = training_dtype(world.device)
-        log.info("FSDP2 %s over a %s mesh%s", strategy.value, tuple(mesh.shape),
+            fully_shard(layer, reshard_after_forward=strategy != ShardingStrategies.SHARD_GRAD_OP, **kwargs)
+        # The root (embeddings, final norm, output layer) runs last in the forward pass and
+        # first in the backward: freeing its parameters in between would only re-gather them.
+        fully_shard(model, reshard_after_forward=False, **kwargs)
+        log.info("FSDP2 %s over a %s mesh%s", strategy.value, shape,
                  ", parameters offloaded to the CPU" if options.cpu_offload_params else "")
         super().__init__(model, build_optimizer(model, args), world, model)
 
     def sync(self, last: bool):
-        # FSDP2 reduce-scatters gradients in each backward unless told not to; accumulate
-        # unsharded gradients locally and reduce once, in the last micro-batch.
-        self.module.set_requires_gradient_sync(last)
+        # Gradients are reduce-scattered in every backward, so each process accumulates only
+        # its shard (holding whole gradients until the last micro-batch would cost a full
+        # fp32 copy of them per process). The all-reduce across replicas (HYBRID_SHARD,
+        # NO_SHARD) is what can wait for the last micro-batch.
+        if self.replicated:
+            self.module.set_requires_all_reduce(last)
         return contextlib.nullcontext()
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not self.world.is_main:
-            return None
-        # Master weights are fp32 under mixed precision; the checkpoint keeps the training
-        # dtype (bf16 on GPUs) instead of doubling its size.
-        return {k: v.to(self.save_dtype) if v.is_floating_point() else v
-                for k, v in without_tied_copies(self.model, state).items()}
+        return state if self.world.is_main else None
 
 
-def without_tied_copies(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A gathered state dict holds a separate copy of each tied weight (an output layer tied
-    to the input embeddings) under every name. `save_pretrained` drops ties only when the
-    tensors share storage, so the checkpoint would carry the copy; keep the first name."""
-    first: dict[int, str] = {}
-    copies = set()
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if first.setdefault(id(param), name) != name:
-            copies.add(name)
-    return {k: v for k, v in state.items() if k not in copies}
+def mesh_shape(strategy: ShardingStrategies, world_size: int, per_node: int) -> tuple[int, ...]:
+    """FSDP2's device mesh for a sharding strategy: 1-D (shard over every process) or 2-D
+    (replicate x shard): HYBRID_SHARD shards within a node and replicates across nodes;
+    NO_SHARD replicates everywhere (shards of size one)."""
+    if strategy == ShardingStrategies.HYBRID_SHARD:
+        return (world_size // per_node, per_node)
+    if strategy == ShardingStrategies.NO_SHARD:
+        return (world_size, 1)
+    return (world_size,)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -218,4 +222,4 @@ def build_backend(model: torch.nn.Module, args: TrainingArgs, world: World, micr
         return FSDPBackend(model, world, args)
     if world.distributed:
         return DDPBackend(model, world, args)
-    return Backend(model, build_optimizer(model, args), world)
+    return Backend(model, build_optimizer(model, args), world, autocast_dtype=autocast_dtype(args, world.device))

@@ -9,6 +9,7 @@ a directory that looks complete.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -80,7 +81,7 @@ def save_hf_checkpoint(backend: Backend, tokenizer, directory: Path, world: Worl
                 save_lora_checkpoint(backend.model, state, tokenizer, tmp, save_merged=lora.save_merged_model,
                                      dtype=training_dtype(world.device))
             else:
-                _save_model(hf_model(backend.model), state, tmp)
+                _save_model(hf_model(backend.model), state, tmp, training_dtype(world.device))
                 tokenizer.save_pretrained(tmp)
             _replace(tmp, directory)
         except BaseException:
@@ -90,13 +91,37 @@ def save_hf_checkpoint(backend: Backend, tokenizer, directory: Path, world: Worl
     barrier(world)
 
 
-def _save_model(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: Path) -> None:
+def _save_model(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: Path,
+                dtype: torch.dtype) -> None:
+    """The weights in `dtype` (bf16 on GPUs, not the fp32 master weights that FSDP2 and DDP
+    train: half the size), without a second copy of tied weights, and a config that says so."""
+    state = {k: v.to(device="cpu", dtype=dtype) if v.is_floating_point() else v
+             for k, v in without_tied_copies(model, state).items()}
     config = model.config
     use_cache, config.use_cache = config.use_cache, True  # trained without; generate with
     try:
         model.save_pretrained(directory, state_dict=state, safe_serialization=True)
     finally:
         config.use_cache = use_cache
+    # save_pretrained writes the live model's dtype (fp32 masters) into config.json; loaders
+    # with dtype="auto" (transformers, vLLM) must see what the file holds.
+    path = directory / "config.json"
+    saved = json.loads(path.read_text())
+    keys = [k for k in ("dtype", "torch_dtype") if k in saved] or ["dtype"]  # torch_dtype: transformers 4
+    saved.update(dict.fromkeys(keys, str(dtype).removeprefix("torch.")))
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
+
+
+def without_tied_copies(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A gathered state dict holds a separate copy of each tied weight (an output layer tied
+    to the input embeddings) under every name. `save_pretrained` drops ties only when the
+    tensors share storage, so the checkpoint would carry the copy; keep the first name."""
+    first: dict[int, str] = {}
+    copies = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(param), name) != name:
+            copies.add(name)
+    return {k: v for k, v in state.items() if k not in copies}
 
 
 def _replace(tmp: Path, target: Path) -> None:

@@ -44,27 +44,24 @@ optimizer replaces FusedAdam/CPUAdam (except DeepSpeedCPUAdam under offload on C
 no NVMe swapping (async_io) and no quantized communication are configured. (oneCCL's op is
 only built when oneccl_bindings_for_pytorch is installed, which this project does not use.)
 
-DeepSpeed needs a process group even for one process; with a world size of 1 (no torchrun
-group) the backend joins a one-process group on an in-memory store, which the usual
-`distributed.shutdown()` destroys (and sets LOCAL_RANK, RANK and WORLD_SIZE where torchrun
-has not, as DeepSpeed reads them from the environment).
+DeepSpeed needs a process group even for one process: outside torchrun the backend joins
+a one-process group (`distributed.ensure_process_group`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..config import TrainingArgs
 from .backends import Backend
-from .distributed import World
+from .distributed import World, barrier, ensure_process_group
 from .optim import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -101,6 +98,9 @@ def deepspeed_config(args: TrainingArgs, device_type: str, *, gradient_accumulat
         "gradient_clipping": float(max_grad_norm),
         "bf16": {"enabled": device_type == "cuda"},
         "fp16": {"enabled": False},
+        # Reduce gradients in fp32 as FSDP2 does; by default DeepSpeed communicates in the
+        # model's dtype (bf16), rounding every partial sum.
+        "communication_data_type": "fp32",
         "zero_optimization": zero,
         # Offload with a client optimizer that is not DeepSpeedCPUAdam (torch AdamW on CPU).
         "zero_force_ds_cpu_optimizer": False,
@@ -128,21 +128,6 @@ def import_deepspeed():
     return deepspeed
 
 
-def _ensure_process_group(world: World) -> None:
-    """DeepSpeed needs torch.distributed and the LOCAL_RANK variable even for one process
-    (torchrun sets the variables and init_distributed joins its group when there are more)."""
-    os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
-    if dist.is_initialized():
-        return
-    if world.world_size != 1:
-        raise RuntimeError("DeepSpeed with several processes needs the torchrun process group "
-                           "(init_distributed) before the backend is built")
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    backend = "nccl" if world.device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-
-
 class DeepSpeedBackend(Backend):
     """DeepSpeed ZeRO stage 2 (optimizer state and gradients sharded) or 3 (parameters too).
 
@@ -155,7 +140,7 @@ class DeepSpeedBackend(Backend):
                  gradient_accumulation_steps: int = 1, max_grad_norm: float = 1.0,
                  config_overrides: dict[str, Any] | None = None):
         deepspeed = import_deepspeed()
-        _ensure_process_group(world)
+        ensure_process_group(world)
         options = args.deepspeed_options
         device_type = world.device.type
         optimizer = build_optimizer(model, args)
@@ -218,9 +203,6 @@ class DeepSpeedBackend(Backend):
             for mine, theirs in zip(self.optimizer.param_groups, backup.param_groups):
                 theirs["lr"] = mine["lr"]
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
-
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Rank 0: every weight under the model's own state-dict keys, on the CPU, in the
         training dtype (ZeRO-3 gathers the 16-bit weights, one module at a time); None
@@ -235,16 +217,30 @@ class DeepSpeedBackend(Backend):
 
     def save_state(self, directory: str | Path, client_state: dict | None = None) -> None:
         """A DeepSpeed checkpoint (sharded weights, optimizer and engine state, under a
-        `global_step<N>` tag with a `latest` file) in `directory`. A collective."""
-        self.engine.save_checkpoint(str(directory), client_state=client_state or {})
+        `global_step<N>` tag with a `latest` file) in `directory`; older tags there are
+        removed once it is written (keep_last_checkpoint_only reuses one directory). Frozen
+        weights (a LoRA base) are left out: they reload from model_path. A collective."""
+        directory = Path(directory)
+        self.engine.save_checkpoint(str(directory), client_state=client_state or {},
+                                    exclude_frozen_parameters=self._has_frozen)
+        if self.world.is_main:
+            latest = (directory / "latest").read_text().strip()
+            for old in directory.iterdir():
+                if old.is_dir() and old.name != latest:
+                    shutil.rmtree(old, ignore_errors=True)
+        barrier(self.world)
 
     def load_state(self, directory: str | Path) -> dict | None:
         """Load the latest checkpoint `save_state` wrote in `directory` (same
         world size); returns its client_state. A collective."""
-        path, client_state = self.engine.load_checkpoint(str(directory))
+        path, client_state = self.engine.load_checkpoint(str(directory), load_module_strict=not self._has_frozen)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
         return client_state
+
+    @property
+    def _has_frozen(self) -> bool:
+        return any(not p.requires_grad for p in self.model.parameters())
 
 
 def _cpu_adam(optimizer: torch.optim.Optimizer, args: TrainingArgs) -> torch.optim.Optimizer:

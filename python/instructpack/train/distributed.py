@@ -28,9 +28,9 @@ class World:
 
 
 def init_distributed(timeout_minutes: float = 30) -> World:
-    """Reads torchrun's environment and joins the process group (nccl on CUDA, gloo on CPU),
-    even with one process: FSDP2 and DeepSpeed need a group. Without torchrun it is a
-    single CPU/GPU process with no group."""
+    """Reads torchrun's environment and joins the process group, even with one process:
+    FSDP2 and DeepSpeed need a group. Without torchrun (no RANK/WORLD_SIZE) it is a single
+    CPU/GPU process with no group; `ensure_process_group` makes one when a backend needs it."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -40,11 +40,31 @@ def init_distributed(timeout_minutes: float = 30) -> World:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if "MASTER_ADDR" in os.environ and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        dist.init_process_group(_backends(device), timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if device.type == "cuda" else None)
     return World(rank, local_rank, world_size, device, local_world_size)
+
+
+def _backends(device: torch.device) -> str:
+    # On GPUs, nccl for CUDA tensors and gloo for CPU ones: FSDP2's CPU offload leaves
+    # gradients on the CPU, and clipping all-reduces their norm there.
+    return "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+
+
+def ensure_process_group(world: World) -> None:
+    """A one-process group for FSDP2 or DeepSpeed outside torchrun (tests, notebooks);
+    under torchrun, init_distributed has joined the real one. DeepSpeed also reads
+    LOCAL_RANK, RANK and WORLD_SIZE from the environment."""
+    os.environ.setdefault("LOCAL_RANK", str(world.local_rank))
+    if dist.is_initialized():
+        return
+    if world.world_size != 1:
+        raise RuntimeError("several processes need the torchrun process group (init_distributed) "
+                           "before a backend is built")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    dist.init_process_group(_backends(world.device), store=dist.HashStore(), rank=0, world_size=1)
 
 
 def all_reduce(values: list[float], world: World, op: str = "sum") -> list[float]:

@@ -50,13 +50,16 @@ def quantization_config(options: LoraOptions | None, device: torch.device):
 
 def default_target_modules(model: torch.nn.Module) -> list[str]:
     """The distinct names of the linear layers inside the decoder blocks (model.decoder_layers):
-    the attention and MLP projections, never the embeddings or the output layer.
+    the attention and MLP projections, never the embeddings or the output layer, nor a
+    mixture-of-experts gate (a linear layer with one output per expert, or a single one).
     bitsandbytes' Linear4bit/Linear8bitLt are nn.Linear."""
+    config = hf_model(model).config
+    gates = {1} | {getattr(config, k, None) for k in ("num_experts", "num_local_experts", "n_routed_experts")}
     names: list[str] = []
     for block in decoder_layers(model):
         for name, module in block.named_modules():
             leaf = name.rsplit(".", 1)[-1]
-            if isinstance(module, torch.nn.Linear) and leaf not in names:
+            if isinstance(module, torch.nn.Linear) and module.out_features not in gates and leaf not in names:
                 names.append(leaf)
     if not names:
         raise ValueError(f"found no linear layers in the decoder blocks of {type(hf_model(model)).__name__}; "
@@ -229,6 +232,9 @@ def save_lora_checkpoint(model: torch.nn.Module, state: dict[str, torch.Tensor],
     and the adapter in `directory/adapter`; else the adapter alone at `directory`. The
     tokenizer goes wherever an adapter or model goes."""
     directory = Path(directory)
+    # Under DDP the state is the live model's, on the GPU: merging there would allocate a
+    # full-precision copy of every adapted weight next to training's memory.
+    state = {k: v.detach().cpu() for k, v in state.items()}
     peft_model = _peft_model(model)
     adapter_name = peft_model.active_adapter
     peft_config = peft_model.peft_config[adapter_name]

@@ -28,11 +28,28 @@ def training_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_dtype(args: TrainingArgs, device: torch.device) -> torch.dtype:
-    """FSDP2 on a GPU keeps fp32 master weights and computes in bf16 (its mixed-precision
-    policy casts each layer on the fly); everything else loads in the training dtype."""
-    if device.type == "cuda" and args.distributed_backend == DistributedBackend.FSDP:
+    """The dtype the weights are loaded (and kept) in. On the CPU, fp32. On GPUs, a full
+    fine-tune under FSDP2 or DDP keeps fp32 master weights and computes in bf16 (FSDP2's
+    mixed-precision policy; autocast under DDP): AdamW's updates are often below bf16's
+    resolution (8 bits of mantissa) and would be rounded away. DeepSpeed keeps its own fp32
+    masters of a bf16 model. LoRA freezes the base, which then stays bf16 under DDP (the
+    adapters are fp32); FSDP2 shards it in fp32 like any other weight."""
+    if device.type != "cuda":
         return torch.float32
-    return training_dtype(device)
+    if args.distributed_backend == DistributedBackend.DEEPSPEED:
+        return torch.bfloat16
+    if args.lora is not None and args.distributed_backend != DistributedBackend.FSDP:
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast_dtype(args: TrainingArgs, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast for the forward pass where fp32 weights are not cast by the backend
+    itself (DDP or one process on a GPU); None elsewhere."""
+    if device.type == "cuda" and args.distributed_backend == DistributedBackend.DDP \
+            and load_dtype(args, device) == torch.float32:
+        return torch.bfloat16
+    return None
 
 
 def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None = None) -> torch.nn.Module:

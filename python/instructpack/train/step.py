@@ -100,8 +100,9 @@ def run_step(backend: Backend, step: Step, scheduler: torch.optim.lr_scheduler.L
     last = len(step.micro_batches) - 1
     for i, mb in enumerate(step.micro_batches):
         mb = stand_in(mb, device) if mb.empty else mb.to(device, non_blocking=True)
-        with backend.sync(last=i == last):  # gradients cross ranks once, in the last backward
-            loss = summed_loss(backend.module, mb)
+        with backend.sync(last=i == last):  # what can wait for the step's last backward waits
+            with backend.autocast():
+                loss = summed_loss(backend.module, mb)
             backend.backward(loss * (backend.grad_scale / denominator))
         loss_sum += loss.detach()
         targets += mb.num_targets
