@@ -24,13 +24,13 @@ max_batch_len 8,192, gradient checkpointing on.
 Measured on 2 cores (no GPU), full runs, one after the other:
 
     backend     tokens/s  peak MiB   speed vs ddp  memory vs ddp
-    ddp              656     1,366          1.00x          1.00x
-    fsdp             468     1,066          0.71x          0.78x
-    deepspeed        546     1,222          0.83x          0.89x
+    ddp              595     1,366          1.00x          1.00x
+    fsdp             445     1,012          0.75x          0.74x
+    deepspeed        529     1,221          0.89x          0.89x
     --lora:
-    ddp              830       808          1.00x          1.00x
-    fsdp             553       821          0.67x          1.02x
-    deepspeed        824       829          0.99x          1.03x
+    ddp              826       807          1.00x          1.00x
+    fsdp             581       818          0.70x          1.01x
+    deepspeed        829       827          1.00x          1.03x
 
 Sharding saves memory as expected (FULL_SHARD holds half of the weights, gradients and
 AdamW state per process; ZeRO-2 shards gradients and AdamW state) and costs speed here:
