@@ -98,3 +98,20 @@ def test_fsdp_on_one_process_outside_torchrun_takes_the_plain_step():
             torch.testing.assert_close(full[name], value, rtol=1e-5, atol=1e-6, msg=name)
     finally:
         dist.destroy_process_group()
+
+
+def test_model_on_the_meta_device_for_ranks_that_receive_their_shards(tmp_path, tokenizer_dirs):
+    """FSDP2 ranks other than 0 build the model without reading its weights: the same
+    parameter names and shapes as rank 0's, adapters and grown embeddings included."""
+    from instructpack.examples import build_tiny_model
+    from instructpack.train.model import load_model
+
+    model_dir = build_tiny_model(tmp_path / "m", tokenizer_dirs["chatml"])
+    a = args(model_path=str(model_dir), lora={"rank": 4})
+    rows = load_model(a, CPU).get_input_embeddings().num_embeddings
+    real = load_model(a, CPU, vocab_size=rows + 5)
+    meta = load_model(a, CPU, vocab_size=rows + 5, weights=False)
+    assert all(p.is_meta for p in meta.parameters())
+    assert [(n, p.shape, p.requires_grad) for n, p in meta.named_parameters()] == \
+        [(n, p.shape, p.requires_grad) for n, p in real.named_parameters()]
+    assert meta.get_input_embeddings().num_embeddings == rows + 8  # grown to a multiple of 8

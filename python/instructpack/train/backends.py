@@ -36,6 +36,7 @@ from .model import autocast_dtype, decoder_layers
 from .optim import build_optimizer
 
 log = logging.getLogger(__name__)
+CPU = torch.device("cpu")
 
 
 class Backend:
@@ -166,6 +167,10 @@ class FSDPBackend(Backend):
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         if options.cpu_offload_params:
             kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device_type == "cuda")
+        # Under several processes only rank 0 has read the weights; the others hold the model
+        # on the meta device (worker.run). Rank 0's whole weights are sent out once sharded.
+        on_meta = any(p.is_meta for p in model.parameters())
+        full = model.state_dict() if world.is_main else {}
         # fully_shard moves each unit's shard to the mesh's device (or keeps it on the CPU
         # under offload): the model was loaded on the CPU, so a GPU never holds it whole.
         for layer in decoder_layers(model):
@@ -173,6 +178,10 @@ class FSDPBackend(Backend):
         # The root (embeddings, final norm, output layer) runs last in the forward pass and
         # first in the backward: freeing its parameters in between would only re-gather them.
         fully_shard(model, reshard_after_forward=False, **kwargs)
+        if world.distributed:
+            _broadcast_from_rank0(model, full, on_meta, world.device, offload=options.cpu_offload_params)
+            log.info("FSDP2: rank 0 read the weights and sent each of %d processes its shards", world.world_size)
+        del full
         log.info("FSDP2 %s over a %s mesh%s", strategy.value, shape,
                  ", parameters offloaded to the CPU" if options.cpu_offload_params else "")
         super().__init__(model, build_optimizer(model, args), world, model)
@@ -191,6 +200,26 @@ class FSDPBackend(Backend):
 
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return state if self.world.is_main else None
+
+
+def _broadcast_from_rank0(model: torch.nn.Module, full: dict[str, torch.Tensor], on_meta: bool,
+                          device: torch.device, offload: bool) -> None:
+    """Every rank's shards from rank 0's whole weights (`full`, empty elsewhere). Buffers are
+    not sharded and not all in the state dict (rotary frequencies are computed when the
+    model is built, and are garbage on a rank that built it on the meta device): rank 0
+    broadcasts each of them."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if on_meta:
+        # Offloaded shards live on the CPU; buffers, like rank 0's, on the compute device.
+        model.to_empty(device=CPU if offload else device)
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                module._buffers[name] = buffer.to(device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
 
 
 def mesh_shape(strategy: ShardingStrategies, world_size: int, per_node: int) -> tuple[int, ...]:

@@ -52,28 +52,38 @@ def autocast_dtype(args: TrainingArgs, device: torch.device) -> torch.dtype | No
     return None
 
 
-def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None = None) -> torch.nn.Module:
+def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None = None, *,
+               weights: bool = True) -> torch.nn.Module:
     """`from_pretrained` in the training dtype and attention, without a KV cache (a cache
     disables transformers' packed-row detection), with gradient checkpointing if asked,
     and LoRA adapters (over 4-bit base weights for QLoRA) when `args.lora` is set. On
     `device`, except under FSDP2, which moves it there once sharded.
-    `vocab_size`: the tokenizer's; embeddings grow to cover it when the model's are smaller."""
-    from transformers import AutoModelForCausalLM
+    `vocab_size`: the tokenizer's; embeddings grow to cover it when the model's are smaller.
+    `weights=False`: the same model on the meta device, without reading the weights (FSDP2
+    ranks other than 0, which receive their shards from rank 0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     impl = choose_attention(device, args.disable_flash_attn)
     if args.lora is not None:
         from . import lora  # peft takes seconds to import; full fine-tunes skip it
     quantization = lora.quantization_config(args.lora, device) if args.lora is not None else None
     placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
-    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=load_dtype(args, device),
-                                                 attn_implementation=impl,
-                                                 trust_remote_code=args.trust_remote_code, **placement)
+    if weights:
+        model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=load_dtype(args, device),
+                                                     attn_implementation=impl,
+                                                     trust_remote_code=args.trust_remote_code, **placement)
+    else:
+        config = AutoConfig.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=load_dtype(args, device), attn_implementation=impl,
+                                                     trust_remote_code=args.trust_remote_code)
     model.config.use_cache = False
     embeddings = model.get_input_embeddings().num_embeddings
     if vocab_size is not None and vocab_size > embeddings:
         log.warning("the tokenizer has %d tokens and the model's embeddings %d rows: growing the embeddings "
                     "(to a multiple of 8)", vocab_size, embeddings)
-        model.resize_token_embeddings(vocab_size, pad_to_multiple_of=8)
+        # On the meta device there are no rows to average: rank 0's resized rows arrive later.
+        model.resize_token_embeddings(vocab_size, pad_to_multiple_of=8, mean_resizing=weights)
     if args.gradient_checkpointing and args.lora is None:  # apply_lora turns it on after preparing the model
         enable_activation_checkpointing(model)
     log.info("model %s: %.1fM parameters, %s, attention %s, gradient checkpointing %s", args.model_path,

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import DistributedBackend
 from ..data.shards import load_dataset
 from .backends import Backend
 from .distributed import World, init_distributed, shutdown
@@ -51,7 +52,11 @@ def run(job: JobConfig, world: World) -> Backend:
     dataset = load_dataset(job.dataset_path)
     tokenizer = load_tokenizer(args)
     vocab = dataset.manifest.get("tokenizer", {}).get("vocab_size")
-    model = load_model(args, world.device, vocab_size=max(vocab or 0, len(tokenizer)))
+    # FSDP2 over several processes: rank 0 reads the weights and sends each rank its shards
+    # (backends.FSDPBackend); the others build the model on the meta device, so a machine
+    # holds one copy of the model in memory rather than one per process.
+    on_meta = args.distributed_backend == DistributedBackend.FSDP and world.distributed and not world.is_main
+    model = load_model(args, world.device, vocab_size=max(vocab or 0, len(tokenizer)), weights=not on_meta)
     return train(args, world, model, tokenizer, dataset, progress_bar=job.progress_bar)
 
 
