@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from instructpack.data.loader import StepLoader
-from instructpack.data.sampler import MultipackSampler
 from instructpack.data.shards import load_dataset
 from instructpack.train.backends import build_backend
 from instructpack.train.distributed import init_distributed, shutdown
 from instructpack.train.job import read_job
+from instructpack.train.loop import training_sampler
 from instructpack.train.model import load_model
 from instructpack.train.step import run_step
 from instructpack.train.worker import run, setup_logging
@@ -46,10 +46,7 @@ def state_round_trip(job, world, backend) -> dict:
     restored = build_backend(load_model(args, world.device), args, world)
     restored.load_state(directory)
     dataset = load_dataset(job.dataset_path)
-    sampler = MultipackSampler(dataset.lengths, effective_batch_size=args.effective_batch_size,
-                               max_batch_len=args.max_batch_len, world_size=world.world_size, rank=world.rank,
-                               seed=args.random_seed, target_counts=dataset.target_counts)
-    step = next(iter(StepLoader(dataset, sampler)))
+    step = next(iter(StepLoader(dataset, training_sampler(args, world, dataset))))
     out = {}
     for name, b in (("original", backend), ("restored", restored)):
         for group in b.optimizer.param_groups:  # the schedule ended at 0: an update needs a rate

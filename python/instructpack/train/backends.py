@@ -79,8 +79,8 @@ class Backend:
         return [p for p in self.module.parameters() if p.requires_grad]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Rank 0: every weight in the training dtype (sharded backends gather them onto the
-        CPU); other ranks: None."""
+        """Rank 0: every weight of the whole model, as trained (sharded backends gather them
+        onto the CPU; the checkpoint writer casts and moves them); other ranks: None."""
         if self.world is not None and not self.world.is_main:
             return None
         return self.model.state_dict()
@@ -170,7 +170,7 @@ class FSDPBackend(Backend):
         # Under several processes only rank 0 has read the weights; the others hold the model
         # on the meta device (worker.run). Rank 0's whole weights are sent out once sharded.
         on_meta = any(p.is_meta for p in model.parameters())
-        full = model.state_dict() if world.is_main else {}
+        full = model.state_dict() if world.distributed and world.is_main else {}
         # fully_shard moves each unit's shard to the mesh's device (or keeps it on the CPU
         # under offload): the model was loaded on the CPU, so a GPU never holds it whole.
         for layer in decoder_layers(model):

@@ -44,12 +44,17 @@ def step_record(step: Step, result: StepResult, world: World, global_step: int, 
     }
 
 
+def training_sampler(args: TrainingArgs, world: World, dataset: TokenDataset) -> MultipackSampler:
+    """This rank's view of the run's multipack plan."""
+    return MultipackSampler(dataset.lengths, effective_batch_size=args.effective_batch_size,
+                            max_batch_len=args.max_batch_len, world_size=world.world_size, rank=world.rank,
+                            seed=args.random_seed, target_counts=dataset.target_counts)
+
+
 def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, dataset: TokenDataset,
           *, progress_bar: bool = False) -> Backend:
     """Runs every epoch; returns the backend holding the trained model."""
-    sampler = MultipackSampler(dataset.lengths, effective_batch_size=args.effective_batch_size,
-                               max_batch_len=args.max_batch_len, world_size=world.world_size, rank=world.rank,
-                               seed=args.random_seed, target_counts=dataset.target_counts)
+    sampler = training_sampler(args, world, dataset)
     loader = StepLoader(dataset, sampler, pin_memory=world.device.type == "cuda")
     total_steps = sampler.steps_per_epoch * args.num_epochs
     most_micro_batches = int(sampler.plan(sampler.epoch).micro_batches_per_step.max())
