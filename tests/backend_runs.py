@@ -62,7 +62,7 @@ def main(paths: list[str]) -> None:
         for path in paths:
             job = read_job(path)
             setup_logging(job.training_args.log_level, world.rank)
-            backend = run(job, world)
+            backend = run(job, world).backend
             logits = probe_logits(backend, world.device)
             check = state_round_trip(job, world, backend)
             if world.is_main:

@@ -75,7 +75,7 @@ def runs(tmp_path_factory, tokenizer_dirs) -> dict[str, Path]:
         Path(args.ckpt_output_dir).mkdir()
         dataset = prepare_dataset(args, world_size=2)
         jobs[name] = write_job(root / f"{name}.json", JobConfig(training_args=args, dataset_path=str(dataset),
-                                                                failure_dir=str(root)))
+                                                                status_dir=str(root)))
 
     for name, (arch, settings) in FULL_FINE_TUNES.items():
         add(name, arch, settings)

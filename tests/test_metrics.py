@@ -51,7 +51,7 @@ def test_fresh_run_truncates_and_resume_appends(tmp_path):
     with MetricsLogger(tmp_path, args) as logger:
         logger.log(record(1))
         logger.log(record(2))
-    with MetricsLogger(tmp_path, args, resume=True) as logger:
+    with MetricsLogger(tmp_path, args, resume_after_step=2) as logger:
         logger.log(record(3))
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     with MetricsLogger(tmp_path, args) as logger:
@@ -63,9 +63,20 @@ def test_resume_drops_a_line_cut_short_by_a_crash(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps(record(1)) + "\n" + json.dumps(record(2))[:40])
     assert read_metrics(tmp_path) == [record(1)]  # the unfinished last line is not an error
-    with MetricsLogger(tmp_path, training_args(tmp_path), resume=True) as logger:
+    with MetricsLogger(tmp_path, training_args(tmp_path), resume_after_step=1) as logger:
         logger.log(record(2))
     assert read_metrics(tmp_path) == [record(1), record(2)]
+
+
+def test_resume_drops_the_steps_after_the_checkpoint(tmp_path):
+    """Killed after step 4 with the checkpoint at step 2: steps 3 and 4 run again, and the
+    file must hold each step once, the new records replacing the old."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(record(s, loss=float(s))) + "\n" for s in range(1, 5)) + '{"ste')
+    with MetricsLogger(tmp_path, training_args(tmp_path), resume_after_step=2) as logger:
+        logger.log(record(3, loss=30.0))
+    assert read_metrics(tmp_path) == [record(1, loss=1.0), record(2, loss=2.0), record(3, loss=30.0)]
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_close_is_idempotent_and_log_after_close_fails(tmp_path):

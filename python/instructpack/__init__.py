@@ -20,7 +20,7 @@ from .config import (
     load_config,
 )
 from .data.shards import DatasetError, TokenDataset, load_dataset
-from .train.launch import TrainingError, run_training
+from .train.launch import TrainingError, TrainingStopped, run_training
 
 __version__ = "0.1.0"
 
@@ -39,6 +39,7 @@ __all__ = [
     "TorchrunArgs",
     "TrainingArgs",
     "TrainingError",
+    "TrainingStopped",
     "data_process",
     "load_config",
     "load_dataset",

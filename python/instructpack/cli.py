@@ -72,9 +72,12 @@ def _train_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request with the state saved; run again to resume
+
+
 def _run_train(ns: argparse.Namespace) -> int:
     from .config import RunConfig, TorchrunArgs, load_config
-    from .train.launch import TrainingError, run_training
+    from .train.launch import TrainingError, TrainingStopped, run_training
 
     try:
         config = load_config(ns.config)
@@ -84,6 +87,9 @@ def _run_train(ns: argparse.Namespace) -> int:
     except (ValueError, OSError, ImportError, TrainingError) as e:  # config, data and plan errors are ValueErrors
         print(f"instructpack train: error: {e}", file=sys.stderr)
         return 2 if not isinstance(e, TrainingError) else 1
+    except TrainingStopped as e:  # preempted: a scheduler may requeue the job, which then resumes
+        print(f"instructpack train: {e}", file=sys.stderr)
+        return EXIT_STOPPED
     except KeyboardInterrupt:
         return 130
     return 0

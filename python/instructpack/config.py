@@ -312,11 +312,15 @@ class TrainingArgs(_Config, kw_only=True):
 
     save_samples: int = 0
     checkpoint_at_epoch: bool = True
-    accelerate_full_state_at_epoch: bool = True
     keep_last_checkpoint_only: bool = False
     """Save a Hugging Face checkpoint every save_samples samples (<= 0: off) and at each epoch
-    end; also save the full training state (optimizer, scheduler, RNG) at epoch end so a run
-    can resume exactly; keep_last_checkpoint_only overwrites one "last_epoch" directory."""
+    end; keep_last_checkpoint_only overwrites one "last_epoch" directory."""
+    accelerate_full_state_at_epoch: bool = True
+    full_state_every_steps: int = 0
+    """Save the full training state (weights, optimizer, schedule, data position, random
+    generators) at each epoch end and every full_state_every_steps optimizer steps (<= 0:
+    off), into ckpt_output_dir/full_state; a run started again resumes from the newest one
+    exactly. A stop signal (SIGTERM, SIGUSR1) also saves it. Only the newest is kept."""
 
     distributed_backend: DistributedBackend = DistributedBackend.FSDP
     fsdp_options: FSDPOptions = msgspec.field(default_factory=FSDPOptions)

@@ -59,10 +59,15 @@ class StepLoader:
         if sampler.target_counts is None:  # the step's loss denominator comes from the dataset
             sampler.target_counts = dataset.target_counts
         self.sampler = sampler
+        # Each pass over a DataLoader draws a seed for its workers from the generator it is
+        # given, else from torch's global one: that draw would shift the dropout stream of
+        # a resumed run, whose pass starts mid-epoch, after its random state was restored.
+        # The plan is seeded already and the collators are deterministic.
         self.loader = torch.utils.data.DataLoader(
             PackedDataset(dataset, padded=sampler.padded, pad_token_id=pad_token_id),
             batch_size=None, sampler=sampler, collate_fn=_as_is, num_workers=num_workers, pin_memory=pin_memory,
-            multiprocessing_context=multiprocessing_context if num_workers else None)
+            multiprocessing_context=multiprocessing_context if num_workers else None,
+            generator=torch.Generator().manual_seed(sampler.seed))
 
     def __len__(self) -> int:
         """Steps left in the current epoch."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,6 +43,7 @@ CPU = torch.device("cpu")
 class Backend:
     """A single process: the model as it is, nothing to reduce."""
     name = "single process"
+    sharded_state = False  # True: each rank holds (and saves) its own part of the state
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, world: World | None = None,
                  module: torch.nn.Module | None = None, autocast_dtype: torch.dtype | None = None):
@@ -86,32 +88,107 @@ class Backend:
         return self.model.state_dict()
 
     def save_state(self, directory: str | Path) -> None:
-        """The trained weights and the optimizer state for resuming, sharded as they live in
-        memory: each rank writes its own shards (torch.distributed.checkpoint; replicated
-        tensors once). Frozen weights (a LoRA base) are not saved: they reload from
-        model_path. A collective."""
-        import torch.distributed.checkpoint as dcp
+        """The trained weights and the optimizer state, for resuming: one file per rank
+        holding that rank's shards as they live in memory (`sharded_state`), or, when every
+        rank holds the same state (one process, DDP), one file written by rank 0. Frozen
+        weights (a LoRA base) are left out: they reload from model_path. A collective.
 
-        dcp.save(self._training_state(), checkpoint_id=str(directory))
-
-    def load_state(self, directory: str | Path) -> None:
-        """Reads what `save_state` wrote into this backend's model and optimizer, resharded
-        onto this world. A collective."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        state = self._training_state()
-        dcp.load(state, checkpoint_id=str(directory))
-        # Not strict: the frozen weights are missing on purpose, and dcp.load has already
-        # failed on any trained weight the checkpoint lacks.
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optimizer"], options=_trained_only(strict=False))
-
-    def _training_state(self) -> dict:
+        Plain tensors in a torch.save file, so that loading can use `weights_only=True`
+        (torch.distributed.checkpoint would pickle its metadata, and unpickling a file can
+        run code)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=_trained_only())
-        return {"model": model_state, "optimizer": optimizer_state}
+        if self.sharded_state or self.world is None or self.world.is_main:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            state = {"model": _local_tensors(model_state), "optimizer": _local_tensors(optimizer_state)}
+            with open(Path(directory) / self._state_file(), "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def load_state(self, directory: str | Path) -> None:
+        """Reads what `save_state` wrote into this backend's model and optimizer. The world
+        and the sharding must be those of the run that saved (the resume fingerprint says
+        so); a tensor of another shape is refused. A collective."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        path = Path(directory) / self._state_file()
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        # The live state gives the structure to restore into: which tensors are sharded
+        # (DTensors, rebuilt around the saved local shards) and where each one lives.
+        # get_state_dict creates the optimizer's state if no step has run yet.
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=_trained_only())
+        model_state = _restore(saved["model"], model_state, f"{path}: model")
+        optimizer_state = _restore(saved["optimizer"], optimizer_state, f"{path}: optimizer")
+        # Not strict: the frozen weights are left out on purpose; _restore has checked that
+        # every trained one is there.
+        set_state_dict(self.model, self.optimizer, model_state_dict=model_state,
+                       optim_state_dict=optimizer_state, options=_trained_only(strict=False))
+
+    def _state_file(self) -> str:
+        rank = self.world.rank if self.sharded_state and self.world is not None else 0
+        return f"rank{rank:05d}.pt"
+
+
+def _local_tensors(tree):
+    """`tree` with each DTensor replaced by this rank's shard of it, copied out of any
+    larger storage (torch.save writes a view's whole storage)."""
+    if isinstance(tree, dict):
+        return {k: _local_tensors(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_local_tensors(v) for v in tree)
+    if isinstance(tree, torch.Tensor):
+        t = tree.to_local() if _is_dtensor(tree) else tree
+        t = t.detach()
+        return t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
+    return tree
+
+
+def _restore(saved, live, where: str):
+    """`saved` (from _local_tensors) in the form of `live`: DTensors rebuilt around the saved
+    shards on the live tensors' devices. Keys and shapes must match."""
+    if isinstance(live, dict):
+        if not isinstance(saved, dict):
+            raise ValueError(f"{where}: the saved state does not fit this model (not a mapping)")
+        # Every tensor must be there; other entries (hyperparameters such as the
+        # scheduler's initial_lr) are taken from the saved state where it has them.
+        missing = sorted(str(k) for k in live.keys() - saved.keys() if _has_tensors(live[k]))
+        extra = sorted(str(k) for k in saved.keys() - live.keys() if _has_tensors(saved[k]))
+        if missing or extra:
+            raise ValueError(f"{where}: the saved state does not fit this model (missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}); it was written for another model or settings")
+        restored = {k: _restore(saved[k], v, f"{where}.{k}") if k in saved else v for k, v in live.items()}
+        return restored | {k: v for k, v in saved.items() if k not in live}
+    if isinstance(live, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(live):
+            raise ValueError(f"{where}: the saved state does not fit this model (a list of another length)")
+        return type(live)(_restore(s, v, f"{where}[{i}]") for i, (s, v) in enumerate(zip(saved, live)))
+    if isinstance(live, torch.Tensor):
+        local = live.to_local() if _is_dtensor(live) else live
+        if not isinstance(saved, torch.Tensor) or saved.shape != local.shape:
+            shape = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
+            raise ValueError(f"{where}: saved {shape}, this run holds {tuple(local.shape)} (another model, "
+                             "world size or sharding)")
+        tensor = saved.to(device=local.device, dtype=local.dtype)
+        if _is_dtensor(live):
+            from torch.distributed.tensor import DTensor
+            return DTensor.from_local(tensor, live.device_mesh, live.placements, shape=live.shape,
+                                      stride=live.stride(), run_check=False)
+        return tensor
+    return saved  # hyperparameters and names (param_groups)
+
+
+def _has_tensors(tree) -> bool:
+    if isinstance(tree, dict):
+        return any(_has_tensors(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return any(_has_tensors(v) for v in tree)
+    return isinstance(tree, torch.Tensor)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
 
 
 def _trained_only(strict: bool = True):
@@ -150,6 +227,7 @@ class FSDPBackend(Backend):
     gradients are reduced in fp32; on the CPU everything is fp32.
     """
     name = "FSDP2"
+    sharded_state = True
 
     def __init__(self, model: torch.nn.Module, world: World, args: TrainingArgs):
         from torch.distributed.device_mesh import init_device_mesh

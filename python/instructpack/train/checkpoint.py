@@ -37,6 +37,7 @@ class CheckpointSchedule:
     happens: with 64 samples per step, save_samples=100 saves every 2 steps (128 samples)."""
     every_steps: int | None  # None: no sample-based checkpoints
     at_epoch_end: bool
+    at_last_step: bool = True
 
     @classmethod
     def from_args(cls, args: TrainingArgs) -> "CheckpointSchedule":
@@ -51,13 +52,20 @@ class CheckpointSchedule:
         return cls.every(save_samples, args.effective_batch_size, at_epoch_end=False)
 
     @classmethod
+    def full_state(cls, args: TrainingArgs) -> "CheckpointSchedule":
+        """Full training state: at epoch ends (accelerate_full_state_at_epoch) and every
+        full_state_every_steps steps; the end of training is an epoch end."""
+        every = args.full_state_every_steps if args.full_state_every_steps > 0 else None
+        return cls(every, at_epoch_end=args.accelerate_full_state_at_epoch, at_last_step=False)
+
+    @classmethod
     def every(cls, save_samples: int | None, effective_batch_size: int, *, at_epoch_end: bool) -> "CheckpointSchedule":
         steps = max(1, round(save_samples / effective_batch_size)) if save_samples and save_samples > 0 else None
         return cls(steps, at_epoch_end)
 
     def due(self, global_step: int, epoch_end: bool, last_step: bool) -> bool:
-        """After optimizer step `global_step` (1-based). The end of training always saves."""
-        return (last_step or (epoch_end and self.at_epoch_end)
+        """After optimizer step `global_step` (1-based)."""
+        return ((last_step and self.at_last_step) or (epoch_end and self.at_epoch_end)
                 or (self.every_steps is not None and global_step % self.every_steps == 0))
 
 

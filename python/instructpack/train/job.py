@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import msgspec
 
 from ..config import TrainingArgs
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # ask a run to save its state and stop
+STOP_FILE = "STOP"  # the launcher's stop request to its workers
+STOPPED_FILE = "stopped.json"  # rank 0, after a stop request: step, reason, checkpoint
+
 
 class JobConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     training_args: TrainingArgs
     dataset_path: str  # the preprocessed (or mock) dataset the workers read
-    failure_dir: str  # a worker that fails writes rank<N>.json here for the launcher
+    status_dir: str  # launcher <-> workers: rank<N>.json (a failure), STOP (a stop request), stopped.json
     progress_bar: bool = False  # the launcher's console is a terminal
 
 

@@ -3,14 +3,18 @@ under torchrun and report how they ended.
 
 The workers' output goes to the console and to `ckpt_output_dir/training.log`. A failed run
 raises `TrainingError` naming the rank that failed first, its exit code, its error and the
-last lines of the log. Ctrl-C stops the workers (SIGINT, then SIGKILL after a grace
-period) and re-raises KeyboardInterrupt. Importing this module does not import torch.
+last lines of the log. SIGTERM or SIGUSR1 (a scheduler preempting the job) asks the workers
+to stop after the current step with the full training state saved, and then raises
+`TrainingStopped`; a second one stops them at once. Ctrl-C stops the workers (SIGINT, then
+SIGKILL after a grace period) and re-raises KeyboardInterrupt. Importing this module does
+not import torch.
 """
 
 from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
 import json
 import os
 import re
@@ -19,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, DataProcessArgs, DistributedBackend, TorchrunArgs, TrainingArgs, config_from_dict
-from .job import JobConfig, write_job
+from .job import STOP_FILE, STOP_SIGNALS, STOPPED_FILE, JobConfig, write_job
 from .metrics import check_sinks
 
 LOG_FILE = "training.log"
@@ -34,6 +39,19 @@ JOB_FILE = "job.json"
 TAIL_LINES = 30
 STOP_GRACE_S = 30
 MOCK_STEPS = 8  # mock_data: this many steps of effective_batch_size samples per epoch
+
+
+class TrainingStopped(Exception):
+    """The run stopped early on request (SIGTERM/SIGUSR1) after saving its full state;
+    running the same job again resumes it."""
+
+    def __init__(self, reason: str, step: int | None = None, checkpoint: str | None = None):
+        self.reason, self.step, self.checkpoint = reason, step, checkpoint
+        if checkpoint is None:
+            super().__init__(f"training stopped by {reason} before the training state was saved")
+        else:
+            super().__init__(f"training stopped by {reason} after step {step}; its full state is in {checkpoint}: "
+                             "run the same job again to resume")
 
 
 class TrainingError(RuntimeError):
@@ -63,16 +81,21 @@ def run_training(torchrun_args: TorchrunArgs | Mapping | None = None,
     out = Path(training_args.ckpt_output_dir)
     out.mkdir(parents=True, exist_ok=True)
     dataset_path = prepare_dataset(training_args, world_size=_world_size(torchrun_args))
-    failure_dir = Path(tempfile.mkdtemp(prefix=".failures-", dir=out))
+    status_dir = Path(tempfile.mkdtemp(prefix=".run-", dir=out))
     job = write_job(out / JOB_FILE, JobConfig(training_args=training_args, dataset_path=str(dataset_path),
-                                              failure_dir=str(failure_dir), progress_bar=sys.stderr.isatty()))
+                                              status_dir=str(status_dir), progress_bar=sys.stderr.isatty()))
     log_path = out / LOG_FILE
     try:
-        exit_code, tail = _run_logged(torchrun_command(torchrun_args, job), _worker_env(torchrun_args), log_path)
+        with _stop_requests(status_dir / STOP_FILE):
+            exit_code, tail = _run_logged(torchrun_command(torchrun_args, job), _worker_env(torchrun_args),
+                                          log_path)
         if exit_code != 0:
-            raise _failure(exit_code, failure_dir, tail, log_path)
+            raise _failure(exit_code, status_dir, tail, log_path)
+        if (status_dir / STOPPED_FILE).is_file():
+            stopped = json.loads((status_dir / STOPPED_FILE).read_text())
+            raise TrainingStopped(stopped["reason"], stopped["step"], stopped["checkpoint"])
     finally:
-        shutil.rmtree(failure_dir, ignore_errors=True)
+        shutil.rmtree(status_dir, ignore_errors=True)
 
 
 def _one_of(value, alias, name: str, alias_name: str, cls: type):
@@ -211,6 +234,38 @@ def _run_logged(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[in
             raise
 
 
+class _StopNow(BaseException):
+    """A second stop signal: stop the workers without waiting for the checkpoint."""
+
+
+@contextlib.contextmanager
+def _stop_requests(stop_file: Path):
+    """While the workers run, the first SIGTERM/SIGUSR1 creates `stop_file` (each worker
+    checks it after every step) and the second stops them at once. Signal handlers can only
+    be set from the main thread; elsewhere the workers are still stopped by signals sent to
+    them directly."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if stop_file.exists():
+            raise _StopNow(f"a second {name}")
+        stop_file.touch()
+        print(f"\n{name}: the workers stop after the current step and save the training state; send it again "
+              "to stop them at once", file=sys.stderr, flush=True)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    try:
+        yield
+    except _StopNow as e:
+        raise TrainingStopped(str(e)) from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
         return
@@ -226,31 +281,44 @@ _TORCHRUN_RANK = re.compile(r"rank\s*:\s*(\d+)")
 _TORCHRUN_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
 
 
-def _failure(exit_code: int, failure_dir: Path, tail: list[str], log_path: Path) -> TrainingError:
-    """The first failure the workers recorded; else what torchrun's summary says."""
-    records = []
-    for path in failure_dir.glob("rank*.json"):
+def _failure(exit_code: int, status_dir: Path, tail: list[str], log_path: Path) -> TrainingError:
+    """Which rank failed first and why. A worker that raised has recorded its error; one
+    that died without a word (a signal: the kernel's out-of-memory killer sends SIGKILL)
+    is named by torchrun's summary as the root cause, and comes first: the errors the
+    others recorded (a peer gone from a collective) are its consequences."""
+    records = {}
+    for path in status_dir.glob("rank*.json"):
         try:
-            records.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
+            record = json.loads(path.read_text())
+            records[record["rank"]] = record
+        except (OSError, ValueError, KeyError, TypeError):
             continue
+    rank, code = _root_cause(tail)
+    if rank is not None and rank not in records:
+        return TrainingError(rank, code if code is not None else exit_code, _death(code), tail, log_path)
     if records:
-        first = min(records, key=lambda r: r["time"])
-        code = _last_int(_TORCHRUN_EXIT, tail)
+        first = min(records.values(), key=lambda r: r["time"])
+        code = code if first["rank"] == rank else None
         return TrainingError(first["rank"], code if code is not None else exit_code, first["error"], tail, log_path)
-    rank, code = _last_int(_TORCHRUN_RANK, tail), _last_int(_TORCHRUN_EXIT, tail)
-    if code is not None and code < 0:
-        try:
-            reason = f"killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            reason = f"killed by signal {-code}"
-    else:
-        reason = "the worker exited without recording an error; see the log"
-    return TrainingError(rank, code if code is not None else exit_code, reason, tail, log_path)
+    return TrainingError(rank, code if code is not None else exit_code, _death(code), tail, log_path)
 
 
-def _last_int(pattern: re.Pattern, lines: list[str]) -> int | None:
-    for line in reversed(lines):
-        if m := pattern.search(line):
-            return int(m.group(1))
-    return None
+def _root_cause(lines: list[str]) -> tuple[int | None, int | None]:
+    """Rank and exit code of the "Root Cause (first observed failure)" in torchrun's
+    summary (else its last failure listed)."""
+    start = next((i for i, line in enumerate(lines) if "Root Cause" in line), 0)
+    section = lines[start:]
+    rank = next((int(m.group(1)) for line in section if (m := _TORCHRUN_RANK.search(line))), None)
+    code = next((int(m.group(1)) for line in section if (m := _TORCHRUN_EXIT.search(line))), None)
+    return rank, code
+
+
+def _death(code: int | None) -> str:
+    if code is None or code >= 0:
+        return "the worker exited without recording an error; see the log"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = str(-code)
+    hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if -code == signal.SIGKILL else ""
+    return f"killed by signal {name}{hint}"

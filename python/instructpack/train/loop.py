@@ -1,9 +1,12 @@
-"""The training loop: epochs of planned steps, metrics after each step, checkpoints when due."""
+"""The training loop: epochs of planned steps, metrics after each step, checkpoints when due,
+resuming from the newest full-state checkpoint and stopping cleanly when asked."""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 import torch
@@ -17,6 +20,8 @@ from .checkpoint import DEEPSPEED_FORMAT, CheckpointSchedule, checkpoint_dir, sa
 from .distributed import World, all_reduce
 from .metrics import MetricsLogger, ProgressBar, peak_memory_mib, reset_peak_memory
 from .optim import build_scheduler
+from .preemption import StopRequest
+from .state import Progress, resume, run_fingerprint, save_full_state
 from .step import StepResult, run_step
 
 log = logging.getLogger(__name__)
@@ -51,48 +56,74 @@ def training_sampler(args: TrainingArgs, world: World, dataset: TokenDataset) ->
                             seed=args.random_seed, target_counts=dataset.target_counts)
 
 
+@dataclass
+class TrainResult:
+    backend: Backend  # holds the trained model
+    progress: Progress
+    stopped_by: str | None = None  # a stop request ended the run early (the full state is saved)
+    checkpoint: Path | None = None  # the full-state checkpoint written when it stopped
+
+
 def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, dataset: TokenDataset,
-          *, progress_bar: bool = False) -> Backend:
-    """Runs every epoch; returns the backend holding the trained model."""
+          *, progress_bar: bool = False, stop: StopRequest | None = None) -> TrainResult:
+    """Runs every epoch, or what is left of them after the newest full-state checkpoint."""
+    stop = stop or StopRequest()
     sampler = training_sampler(args, world, dataset)
     loader = StepLoader(dataset, sampler, pin_memory=world.device.type == "cuda")
     total_steps = sampler.steps_per_epoch * args.num_epochs
     most_micro_batches = int(sampler.plan(sampler.epoch).micro_batches_per_step.max())
     backend = build_backend(model, args, world, micro_batches=most_micro_batches)
     scheduler = build_scheduler(backend.optimizer, args, total_steps)
+    fingerprint = run_fingerprint(args, dataset.manifest, world.world_size)
+    progress, resumed_from = resume(args.ckpt_output_dir, backend, scheduler, sampler, fingerprint, world)
     checkpoints = CheckpointSchedule.from_args(args)
     native_checkpoints = CheckpointSchedule.deepspeed_native(args)
-    metrics = MetricsLogger(args.ckpt_output_dir, args, run_config=msgspec.to_builtins(args)) if world.is_main else None
-    bar = ProgressBar(total_steps, enabled=world.is_main and progress_bar)
+    full_states = CheckpointSchedule.full_state(args)
+    metrics = MetricsLogger(args.ckpt_output_dir, args, run_config=msgspec.to_builtins(args),
+                            resume_after_step=progress.step if resumed_from else None) if world.is_main else None
+    bar = ProgressBar(total_steps, enabled=world.is_main and progress_bar, initial=progress.step)
     log.info("training: %d samples, %d epochs of %d steps, %d processes (%s)", len(dataset), args.num_epochs,
              sampler.steps_per_epoch, world.world_size, backend.name)
 
-    global_step, total_samples, start = 0, 0, time.perf_counter()
+    start = time.perf_counter() - progress.elapsed_s  # a resumed run's clock goes on
+    result = TrainResult(backend, progress)
     try:
-        while sampler.epoch < args.num_epochs:
+        while sampler.epoch < args.num_epochs and result.stopped_by is None:
             for step in loader:
                 reset_peak_memory(world.device)
-                result = run_step(backend, step, scheduler, device=world.device)
-                record = step_record(step, result, world, global_step + 1, total_samples, start)
-                global_step, total_samples = record["step"], record["total_samples"]
+                step_result = run_step(backend, step, scheduler, device=world.device)
+                record = step_record(step, step_result, world, progress.step + 1, progress.samples, start)
+                progress = Progress(step=record["step"], samples=record["total_samples"],
+                                    tokens=progress.tokens + record["tokens"], elapsed_s=record["elapsed_s"])
                 if metrics is not None:
                     metrics.log(record)
                 bar.update(record)
                 if world.is_main and not progress_bar:  # a log file gets one line per step instead
                     log.info("step %d/%d epoch %d: loss %.4f, lr %.3g, grad norm %.3g, %.0f tokens/s",
-                             global_step, total_steps, step.epoch, record["loss"], record["lr"],
+                             progress.step, total_steps, step.epoch, record["loss"], record["lr"],
                              record["grad_norm"], record["tokens_per_s"])
-                epoch_end, last_step = step.step == sampler.steps_per_epoch - 1, global_step == total_steps
-                if checkpoints.due(global_step, epoch_end, last_step):
+                epoch_end, last_step = step.step == sampler.steps_per_epoch - 1, progress.step == total_steps
+                if checkpoints.due(progress.step, epoch_end, last_step):
                     save_hf_checkpoint(backend, tokenizer, checkpoint_dir(
-                        args.ckpt_output_dir, total_samples, args.keep_last_checkpoint_only), world, args.lora)
-                if native_checkpoints is not None and native_checkpoints.due(global_step, epoch_end, last_step):
+                        args.ckpt_output_dir, progress.samples, args.keep_last_checkpoint_only), world, args.lora)
+                if native_checkpoints is not None and native_checkpoints.due(progress.step, epoch_end, last_step):
                     backend.save_state(checkpoint_dir(
-                        args.ckpt_output_dir, total_samples, args.keep_last_checkpoint_only, DEEPSPEED_FORMAT))
+                        args.ckpt_output_dir, progress.samples, args.keep_last_checkpoint_only, DEEPSPEED_FORMAT))
+                stopping = stop.agreed(world)
+                if stopping or full_states.due(progress.step, epoch_end, last_step):
+                    saved = save_full_state(args.ckpt_output_dir, backend, scheduler, sampler, progress,
+                                            fingerprint, world)
+                if stopping:
+                    result = TrainResult(backend, progress, stopped_by=stop.reason(), checkpoint=saved)
+                    log.warning("stopped by %s after step %d/%d; the full training state is in %s: run the same "
+                                "job again to resume", result.stopped_by, progress.step, total_steps, saved)
+                    break
     finally:
         bar.close()
         if metrics is not None:
             metrics.close()
-    log.info("training done: %d steps, %d samples in %.1f s", global_step, total_samples,
-             time.perf_counter() - start)
-    return backend
+    if result.stopped_by is None:
+        log.info("training done: %d steps, %d samples in %.1f s", progress.step, progress.samples,
+                 time.perf_counter() - start)
+        result = TrainResult(backend, progress)
+    return result

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import resource
 import sys
 from pathlib import Path
@@ -169,28 +170,40 @@ def check_sinks(args: TrainingArgs) -> None:
         _import_sink(name, args.logger_type)
 
 
-def _drop_partial_last_line(file: Path) -> None:
-    # A crash mid-write can leave a line without its newline; appending to it would corrupt
-    # the first record of the resumed run as well.
-    data = file.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with file.open("r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+def _keep_steps_up_to(file: Path, last_step: int) -> None:
+    """Drops the records of steps after `last_step` (a resumed run logs them again) and a
+    last line cut short by a crash (appending to it would corrupt the next record too)."""
+    lines = file.read_bytes().split(b"\n")
+    lines.pop()  # after the last newline: empty, or the unfinished line of a crash
+    kept = []
+    for line in lines:
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            step = None  # not a record: read_metrics reports it where it stands
+        if isinstance(step, int) and step > last_step:
+            break
+        kept.append(line + b"\n")
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_bytes(b"".join(kept))
+    os.replace(tmp, file)
 
 
 class MetricsLogger:
-    """Writes each step's record to output_dir/metrics.jsonl (fresh: truncated; resume: appended)
-    and to the sinks `args.logger_type` names. Only rank 0 should create one."""
+    """Writes each step's record to output_dir/metrics.jsonl and to the sinks `args.logger_type`
+    names. A fresh run truncates the file; a run resumed after step N keeps the records of
+    steps 1..N and appends. Only rank 0 should create one."""
 
     def __init__(self, output_dir: str | Path, args: TrainingArgs, *, run_config: dict | None = None,
-                 resume: bool = False):
+                 resume_after_step: int | None = None):
         output_dir = Path(output_dir)
         # Import every sink first, so a missing package fails before anything is created.
         modules = {name: _import_sink(name, args.logger_type) for name in _chosen_sinks(args.logger_type)}
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / METRICS_FILENAME
+        resume = resume_after_step is not None
         if resume and self.path.exists():
-            _drop_partial_last_line(self.path)
+            _keep_steps_up_to(self.path, resume_after_step)
         self._file = self.path.open("a" if resume else "w", encoding="utf-8")
         self._sinks: list = []
         self._closed = False

@@ -1,8 +1,10 @@
 """`python -m instructpack.train.worker JOB.json`: one training process, started by torchrun.
 
 Sets up logging, the process group, seeds, data, tokenizer and model, then runs the loop.
-A failure is written to the job's failure directory (rank, error, traceback) before the
-process exits, so the launcher can say which rank failed and why.
+A failure is written to the job's status directory (rank, error, traceback) before the
+process exits, so the launcher can say which rank failed and why. A stop request (SIGTERM,
+SIGUSR1, or the launcher's stop file) ends the run after the current step with the full
+state saved; rank 0 then writes `stopped.json` there and every rank exits with status 0.
 """
 
 from __future__ import annotations
@@ -21,10 +23,10 @@ import torch
 
 from ..config import DistributedBackend
 from ..data.shards import load_dataset
-from .backends import Backend
 from .distributed import World, init_distributed, shutdown
-from .job import JobConfig, read_job
-from .loop import train
+from .job import STOP_FILE, STOPPED_FILE, JobConfig, read_job
+from .loop import TrainResult, train
+from .preemption import StopRequest
 from .model import load_model, load_tokenizer
 
 log = logging.getLogger("instructpack.train")
@@ -43,7 +45,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def run(job: JobConfig, world: World) -> Backend:
+def run(job: JobConfig, world: World, stop: StopRequest | None = None) -> TrainResult:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # its per-save "Writing model shards" bars clutter the log
@@ -57,17 +59,21 @@ def run(job: JobConfig, world: World) -> Backend:
     # holds one copy of the model in memory rather than one per process.
     on_meta = args.distributed_backend == DistributedBackend.FSDP and world.distributed and not world.is_main
     model = load_model(args, world.device, vocab_size=max(vocab or 0, len(tokenizer)), weights=not on_meta)
-    return train(args, world, model, tokenizer, dataset, progress_bar=job.progress_bar)
+    return train(args, world, model, tokenizer, dataset, progress_bar=job.progress_bar, stop=stop)
 
 
-def write_failure(failure_dir: str, rank: int, exc: BaseException) -> None:
+def write_failure(status_dir: str, rank: int, exc: BaseException) -> None:
     record = {"rank": rank, "time": time.time(), "error": f"{type(exc).__name__}: {exc}",
               "traceback": "".join(traceback.format_exception(exc))}
-    path = Path(failure_dir) / f"rank{rank}.json"
     try:
-        path.write_text(json.dumps(record))
+        (Path(status_dir) / f"rank{rank}.json").write_text(json.dumps(record))
     except OSError:
         pass  # the traceback still reaches the log through stderr
+
+
+def write_stopped(status_dir: str, result: TrainResult) -> None:
+    record = {"step": result.progress.step, "reason": result.stopped_by, "checkpoint": str(result.checkpoint)}
+    (Path(status_dir) / STOPPED_FILE).write_text(json.dumps(record))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,13 +81,16 @@ def main(argv: list[str] | None = None) -> int:
     job = read_job(argv[0])
     rank = int(os.environ.get("RANK", 0))
     setup_logging(job.training_args.log_level, rank)
+    stop = StopRequest(Path(job.status_dir) / STOP_FILE).install()  # first: a signal may come at any time
     try:
         world = init_distributed()
         if world.device.type == "cpu":  # what DeepSpeed would pick, without its warning that it guessed
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        run(job, world)
+        result = run(job, world, stop)
+        if result.stopped_by is not None and world.is_main:
+            write_stopped(job.status_dir, result)
     except BaseException as exc:
-        write_failure(job.failure_dir, rank, exc)
+        write_failure(job.status_dir, rank, exc)
         raise
     finally:
         shutdown()
