@@ -1,6 +1,7 @@
-"""The DeepSpeed backend: its config builder (fast), and training runs compared with a plain
-single-process reference of the same math (slow: one torchrun launch with two processes on
-the CPU, plus one single-process run).
+"""The DeepSpeed backend: its config builder and its native checkpoints read weights-only,
+in this process (fast), and training runs compared with a plain single-process reference of
+the same math (slow: one torchrun launch with two processes on the CPU, plus one
+single-process run).
 
 Run as a script, this file is the worker those tests launch:
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/test_deepspeed_backend.py OUT.json
@@ -89,6 +90,136 @@ def test_config_clipping_and_overrides():
     assert c["zero_optimization"] == {"stage": 3, "stage3_param_persistence_threshold": 0}
     with pytest.raises(ValueError):
         deepspeed_config(training_args(), "cpu", gradient_accumulation_steps=0)
+
+
+# ---------------------------------------------------------------- native checkpoints, one process (fast)
+
+@pytest.fixture
+def one_process(monkeypatch):
+    """The CPU world of one process outside torchrun; the process group the backend joins
+    and the environment variables DeepSpeed reads are undone afterwards."""
+    import torch
+    import torch.distributed as dist
+    from instructpack.train.distributed import World
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # read when DeepSpeed first picks its accelerator
+    for var, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        monkeypatch.setenv(var, value)
+    from deepspeed.accelerator import get_accelerator
+    if get_accelerator().device_name() != "cpu":
+        pytest.skip(f"DeepSpeed already runs on {get_accelerator().device_name()} in this process")
+    joined = not dist.is_initialized()
+    yield World(0, 0, 1, torch.device("cpu"))
+    if joined and dist.is_initialized():
+        import deepspeed.comm
+        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, stale otherwise
+
+
+def _one_process_backend(name: str, world, seed: int = 0):
+    from instructpack.train.deepspeed_backend import DeepSpeedBackend
+
+    options, lora = CONFIGS[name]
+    # Under LoRA the frozen base is always seed 0's (it is not in the checkpoint); `seed` picks the adapters.
+    model = _tiny_model(lora, seed=0, adapter_seed=seed) if lora else _tiny_model(lora, seed=seed)
+    return DeepSpeedBackend(model, world, training_args(**options), config_overrides=OVERRIDES)
+
+
+def _train(backend, seeds) -> None:
+    import torch
+
+    for seed in seeds:
+        ids = torch.randint(0, 96, (1, 16), generator=torch.Generator().manual_seed(seed))
+        with backend.sync(last=True):
+            backend.backward(_loss(backend.module, ids, ids) / 15)
+        backend.step(max_grad_norm=1.0)
+
+
+def _adam_state(backend) -> list:
+    """AdamW's per-parameter state (step, moments) for ZeRO's fp32 partitions, in order."""
+    # ZeRO-3 puts its partitions in AdamW's parameter groups only for the length of a step.
+    partitions = getattr(backend.engine.optimizer, "fp32_partitioned_groups_flat", None)
+    if partitions is None:
+        partitions = [p for g in backend.optimizer.param_groups for p in g["params"]]
+    return [backend.optimizer.state[p] for p in partitions if backend.optimizer.state.get(p)]
+
+
+def _assert_same(a, b) -> None:
+    import torch
+
+    assert type(a) is type(b), (type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_native_checkpoint_round_trip_reads_weights_only(name, one_process, tmp_path):
+    """save_state, then a fresh, differently initialised backend's load_state (which reads
+    with weights_only=True): same weights, same AdamW state, the client state back, and the
+    next step identical."""
+    import torch
+
+    trained = _one_process_backend(name, one_process)
+    _train(trained, seeds=(1, 2))
+    client = {"note": name, "samples": 24, "nested": {"rng": torch.arange(3)}}
+    trained.save_state(tmp_path / "native", client_state=client)
+
+    fresh = _one_process_backend(name, one_process, seed=7)
+    before = fresh.full_state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in trained.full_state_dict().items())
+    assert _adam_state(fresh) == []  # nothing to compare yet: the state must come from the file
+    restored = fresh.load_state(tmp_path / "native")
+
+    _assert_same({k: restored[k] for k in client}, client)
+    _assert_same(fresh.full_state_dict(), trained.full_state_dict())
+    state = _adam_state(trained)
+    assert state and all(s["exp_avg_sq"].abs().sum() > 0 for s in state)
+    _assert_same(_adam_state(fresh), state)
+    # One more step on each: equal only if moments and step counts (bias correction) were restored.
+    _train(trained, seeds=(3,))
+    _train(fresh, seeds=(3,))
+    _assert_same(fresh.full_state_dict(), trained.full_state_dict())
+
+
+class _Payload:
+    """Unpickling it runs code: it appends to `marker` (exec of a line of Python)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'a').write('ran')",)
+
+
+@pytest.mark.parametrize("poisoned", ["model_states.pt", "optim_states.pt"])
+def test_native_checkpoint_with_a_malicious_pickle_is_refused(poisoned, one_process, tmp_path):
+    import pickle
+
+    import torch
+
+    backend = _one_process_backend("zero2", one_process)
+    backend.save_state(tmp_path / "native", client_state={"note": "x"})
+    (target,) = (tmp_path / "native").glob(f"*/*{poisoned}")
+    marker = tmp_path / "marker"
+    state = torch.load(target, weights_only=False)  # our own file, just written
+    state["extra"] = _Payload(marker)
+    torch.save(state, target)
+    torch.load(target, weights_only=False)  # the control: a plain unpickle runs the payload
+    assert marker.read_text() == "ran"
+    marker.unlink()
+
+    with pytest.raises(pickle.UnpicklingError, match=rf"{target.name}: refusing to load .* could run code"):
+        _one_process_backend("zero2", one_process, seed=7).load_state(tmp_path / "native")
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------- training runs (slow)

@@ -46,12 +46,19 @@ only built when oneccl_bindings_for_pytorch is installed, which this project doe
 
 DeepSpeed needs a process group even for one process: outside torchrun the backend joins
 a one-process group (`distributed.ensure_process_group`).
+
+Resuming reads DeepSpeed's checkpoint files, which are pickles, with `torch.load(...,
+weights_only=True)`: DeepSpeed's own reader unpickles them whole (weights_only=False), and a
+pickle can run any code, so a tampered checkpoint directory would run code on every rank.
+The weights-only unpickler builds tensors, containers and numbers, plus the few DeepSpeed
+classes its ZeRO checkpoints hold (`_checkpoint_classes`), and refuses anything else.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import pickle
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,7 +226,9 @@ class DeepSpeedBackend(Backend):
         """A DeepSpeed checkpoint (sharded weights, optimizer and engine state, under a
         `global_step<N>` tag with a `latest` file) in `directory`; older tags there are
         removed once it is written (keep_last_checkpoint_only reuses one directory). Frozen
-        weights (a LoRA base) are left out: they reload from model_path. A collective."""
+        weights (a LoRA base) are left out: they reload from model_path. `client_state` may
+        hold tensors, containers, numbers and strings (what `load_state` reads back). A
+        collective."""
         directory = Path(directory)
         self.engine.save_checkpoint(str(directory), client_state=client_state or {},
                                     exclude_frozen_parameters=self._has_frozen)
@@ -232,7 +241,10 @@ class DeepSpeedBackend(Backend):
 
     def load_state(self, directory: str | Path) -> dict | None:
         """Load the latest checkpoint `save_state` wrote in `directory` (same
-        world size); returns its client_state. A collective."""
+        world size); returns its client_state. Every file is read weights-only: one holding
+        other objects raises pickle.UnpicklingError. A collective."""
+        # Every checkpoint file DeepSpeed reads goes through its checkpoint engine's load.
+        self.engine.checkpoint_engine.load = _load_weights_only
         path, client_state = self.engine.load_checkpoint(str(directory), load_module_strict=not self._has_frozen)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
@@ -241,6 +253,46 @@ class DeepSpeedBackend(Backend):
     @property
     def _has_frozen(self) -> bool:
         return any(not p.requires_grad for p in self.model.parameters())
+
+
+def _checkpoint_classes() -> list[type]:
+    """The classes DeepSpeed pickles into ZeRO-2 and ZeRO-3 checkpoints (also with optimizer
+    offload, and with LoRA's frozen base left out), found by saving each kind and listing
+    `torch.serialization.get_unsafe_globals_in_checkpoint`. The weights-only unpickler may
+    call an allowed class with arguments from the file and then set attributes on the result,
+    so each must build nothing but inert data whatever the arguments: LossScaler's `__init__`
+    and fragment_address's dataclass `__init__` only store the values given (neither defines
+    `__new__`, `__setstate__` or `__reduce__`), and calling the Enum looks a member up by value."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [
+        LossScaler,  # the ZeRO optimizer's static loss scale (1 in bf16/fp32): stores cur_scale, dynamic
+        ZeroStageEnum,  # an int Enum: calling it looks a member up by value
+        fragment_address,  # a dataclass of two ints (numel, start): ZeRO-2's parameter slice mappings
+    ]
+
+
+def _load_weights_only(path: str, map_location: Any = None) -> Any:
+    """DeepSpeed's `CheckpointEngine.load`, with weights_only=True (see the module docstring)."""
+    classes = _checkpoint_classes()
+    try:
+        with torch.serialization.safe_globals(classes):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's own message advises weights_only=False, which is what this refuses to do.
+        raise pickle.UnpicklingError(
+            f"{path}: refusing to load this DeepSpeed checkpoint file: it holds objects other than tensors, "
+            f"containers, numbers and DeepSpeed's {', '.join(c.__name__ for c in classes)}, and unpickling them "
+            f"could run code. Resume only from checkpoints written by instructpack's DeepSpeed backend "
+            f"(same DeepSpeed version). {_unpickler_reason(exc)}") from None
+
+
+def _unpickler_reason(exc: Exception) -> str:
+    # torch wraps the reason (the first unsupported global) in advice to use weights_only=False.
+    advice = ("Weights only load failed", "Check the documentation")
+    return " ".join(line for line in str(exc).splitlines() if line.strip() and not line.startswith(advice))
 
 
 def _cpu_adam(optimizer: torch.optim.Optimizer, args: TrainingArgs) -> torch.optim.Optimizer:
