@@ -60,7 +60,10 @@ def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None 
     `device`, except under FSDP2, which moves it there once sharded.
     `vocab_size`: the tokenizer's; embeddings grow to cover it when the model's are smaller.
     `weights=False`: the same model on the meta device, without reading the weights (FSDP2
-    ranks other than 0, which receive their shards from rank 0)."""
+    ranks other than 0, which receive their shards from rank 0).
+    Weights load from safetensors only: a directory with only pickled weights
+    (pytorch_model.bin) raises OSError instead of unpickling them (unpickling can run code).
+    A model's own modelling code (config.json "auto_map") runs only with args.trust_remote_code."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     impl = choose_attention(device, args.disable_flash_attn)
@@ -70,7 +73,7 @@ def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None 
     placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
     if weights:
         model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=load_dtype(args, device),
-                                                     attn_implementation=impl,
+                                                     attn_implementation=impl, use_safetensors=True,
                                                      trust_remote_code=args.trust_remote_code, **placement)
     else:
         config = AutoConfig.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
