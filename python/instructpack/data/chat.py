@@ -57,7 +57,20 @@ class TokenizerFiles:
     template_fingerprint: str
 
 
-def load_tokenizer_files(model_path: str | Path, chat_tmpl_path: str | Path | None = None) -> TokenizerFiles:
+@dataclass(frozen=True)
+class TokenizerIdentity:
+    """The tokenizer part of a model directory, and the fingerprint preprocessing records:
+    token ids depend on tokenizer.json and on the special-token strings."""
+
+    tokenizer_json: Path
+    config: dict  # tokenizer_config.json, {} when there is none
+    special_tokens: dict
+    vocab_size: int
+    fingerprint: str
+
+
+def tokenizer_identity(model_path: str | Path) -> TokenizerIdentity:
+    """Reads the tokenizer of `model_path` without needing a chat template."""
     model = Path(model_path)
     if not model.is_dir():
         raise FileNotFoundError(f"model_path {str(model)!r} is not a directory; give the path of a Hugging Face "
@@ -70,6 +83,23 @@ def load_tokenizer_files(model_path: str | Path, chat_tmpl_path: str | Path | No
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     special = {k: _token_text(config.get(k)) for k in _SPECIAL_TOKEN_KEYS if _token_text(config.get(k)) is not None}
 
+    raw = tokenizer_json.read_bytes()
+    from tokenizers import Tokenizer
+
+    # Ids are bounded by the largest id, not the count: added tokens may sit above the vocab.
+    vocab_size = max(Tokenizer.from_str(raw.decode("utf-8")).get_vocab(with_added_tokens=True).values()) + 1
+    h = hashlib.sha256(raw)
+    h.update(json.dumps(special, sort_keys=True).encode())
+    return TokenizerIdentity(tokenizer_json, config, special, vocab_size, h.hexdigest()[:16])
+
+
+def template_fingerprint(template: str) -> str:
+    return hashlib.sha256(template.encode()).hexdigest()[:16]
+
+
+def load_tokenizer_files(model_path: str | Path, chat_tmpl_path: str | Path | None = None) -> TokenizerFiles:
+    tok = tokenizer_identity(model_path)
+    model = Path(model_path)
     if chat_tmpl_path is not None:
         tmpl_file = Path(chat_tmpl_path)
         if not tmpl_file.is_file():
@@ -78,27 +108,19 @@ def load_tokenizer_files(model_path: str | Path, chat_tmpl_path: str | Path | No
     elif (model / "chat_template.jinja").is_file():
         template = (model / "chat_template.jinja").read_text(encoding="utf-8")
     else:
-        template = config.get("chat_template")
+        template = tok.config.get("chat_template")
         if isinstance(template, list):  # named templates: the "default" one, as transformers does
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if not template:
         raise ValueError(f"{model}: the tokenizer has no chat template; give one with chat_tmpl_path "
                          "(a Jinja file), or add chat_template.jinja to the model directory")
-
-    raw = tokenizer_json.read_bytes()
-    from tokenizers import Tokenizer
-
-    # Ids are bounded by the largest id, not the count: added tokens may sit above the vocab.
-    vocab_size = max(Tokenizer.from_str(raw.decode("utf-8")).get_vocab(with_added_tokens=True).values()) + 1
-    h = hashlib.sha256(raw)
-    h.update(json.dumps(special, sort_keys=True).encode())
     return TokenizerFiles(
-        tokenizer_json=tokenizer_json,
+        tokenizer_json=tok.tokenizer_json,
         chat_template=template,
-        special_tokens=special,
-        vocab_size=vocab_size,
-        fingerprint=h.hexdigest()[:16],
-        template_fingerprint=hashlib.sha256(template.encode()).hexdigest()[:16],
+        special_tokens=tok.special_tokens,
+        vocab_size=tok.vocab_size,
+        fingerprint=tok.fingerprint,
+        template_fingerprint=template_fingerprint(template),
     )
 
 

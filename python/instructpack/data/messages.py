@@ -45,12 +45,31 @@ class InputError(ValueError):
 _decoder = msgspec.json.Decoder(Conversation)
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def decode_line(raw: bytes) -> Conversation:
     """Decodes one JSONL line; raises SampleError with a reason a person can act on."""
+    if raw.startswith(_BOM):  # editors on Windows start UTF-8 files with one; it is not JSON
+        raw = raw[len(_BOM):]
+    elif raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise SampleError("not_utf8", "the file is UTF-16 (it starts with a UTF-16 byte-order mark); "
+                          "re-encode it as UTF-8")
+    if not raw.strip():
+        raise SampleError("malformed_json", "empty line; a line must hold one JSON object")
     try:
         conv = _decoder.decode(raw)
-    except UnicodeDecodeError as e:
-        raise SampleError("not_utf8", f"not valid UTF-8 (byte {e.start}); re-encode the file as UTF-8") from None
+    except UnicodeDecodeError:
+        # msgspec's offset is relative to the string it was decoding; report the line's.
+        try:
+            raw.decode("utf-8")
+            where = ""
+        except UnicodeDecodeError as e:
+            where = f" (byte {e.start} of the line)"
+        raise SampleError("not_utf8", f"not valid UTF-8{where}; re-encode the file as UTF-8") from None
+    except RecursionError:  # msgspec recurses per nesting level, also in keys it skips
+        raise SampleError("malformed_json", "JSON nested too deeply to decode (in the sample or one of its "
+                          "extra keys); flatten or remove the deeply nested value") from None
     except msgspec.ValidationError as e:
         raise SampleError("invalid_sample", f"invalid sample: {e} (expected {{\"messages\": [{{\"role\": str, \"content\": str}}, ...]}})") from None
     except msgspec.DecodeError as e:
