@@ -141,6 +141,33 @@ def test_resume_mid_epoch_through_the_loader(dataset):
     assert _steps(StepLoader(dataset, resumed)) == whole[4:]
 
 
+def test_resume_reads_only_the_steps_left(dataset, monkeypatch):
+    """Resuming costs O(1) in the steps done: the loader starts at the saved position and
+    never builds (or skips through) the micro-batches of earlier steps."""
+    import instructpack.data.loader as loader_module
+
+    requested = []
+    real = loader_module.collate_packed
+    monkeypatch.setattr(loader_module, "collate_packed", lambda ds, ref: requested.append(ref.step) or real(ds, ref))
+    sampler = _sampler(dataset)
+    sampler.load_state_dict(dict(sampler.state_dict(), step=4))
+    steps = list(StepLoader(dataset, sampler))
+    assert [s.step for s in steps] == list(range(4, sampler.steps_per_epoch))
+    assert sorted(set(requested)) == list(range(4, sampler.steps_per_epoch))
+    assert len(requested) == sum(len(s.micro_batches) for s in steps)
+
+
+def test_iterating_leaves_the_global_random_state_alone(dataset):
+    """A pass over a DataLoader draws a worker seed, from torch's global generator unless it
+    has its own. A resumed run starts its pass after restoring the random state, so that
+    draw would shift every dropout mask after it."""
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    list(StepLoader(dataset, _sampler(dataset)))
+    assert torch.equal(torch.rand(4), expected)
+
+
 def test_dataset_pickles_as_its_path(dataset):
     import pickle
 

@@ -139,21 +139,52 @@ def test_mock_data_trains_on_random_tokens(workspace):
     assert all(r["tokens"] == 8 * 32 and r["trained_tokens"] == 8 * 31 for r in records)
 
 
-def test_worker_failure_names_rank_and_reason_fast(workspace, tokenizer_dirs):
-    """A model directory with a tokenizer but no model: preprocessing works, every worker
-    fails loading the model, and the launcher says which rank and why, without hanging."""
-    args = training_args(workspace, "fail", model_path=str(tokenizer_dirs["chatml"]), num_epochs=1,
-                         data_output_dir=str(workspace["root"] / "processed-tok"))
+def test_worker_failure_names_rank_and_reason_fast(workspace, tmp_path):
+    """Weights that pass the launcher's checks but are damaged: every worker fails loading
+    the model, and the launcher says which rank and why, without hanging."""
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(workspace["model"], broken)
+    (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    args = training_args(workspace, "fail", model_path=str(broken), num_epochs=1)
     start = time.monotonic()
     with pytest.raises(TrainingError) as info:
         run_training(TorchrunArgs(nproc_per_node=2), args)
     elapsed = time.monotonic() - start
     err = info.value
     assert err.rank in (0, 1) and err.exit_code == 1
-    assert "config.json" in err.reason or "model" in err.reason.lower()
+    assert "safetensors" in err.reason.lower() or "header" in err.reason.lower()
     assert f"rank {err.rank}" in str(err) and str(Path(args.ckpt_output_dir) / "training.log") in str(err)
     assert err.log_tail and elapsed < 60
-    assert not list(Path(args.ckpt_output_dir).glob(".failures-*"))
+    assert not list(Path(args.ckpt_output_dir).glob(".run-*"))
+
+
+def test_a_rank_killed_mid_step_is_named_and_the_others_stop(workspace, tmp_path, monkeypatch):
+    """Rank 1 dies by SIGKILL (what the out-of-memory killer sends) as step 3 begins, while
+    rank 0 is inside that step waiting for it: the launcher names rank 1 and the signal
+    rather than rank 0's consequent error, and returns instead of waiting forever."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import instructpack.train.loop as loop\n"
+        "    real, calls = loop.run_step, []\n"
+        "    def dying(*args, **kwargs):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 3:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        return real(*args, **kwargs)\n"
+        "    loop.run_step = dying\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    args = training_args(workspace, "killed-mid", num_epochs=1)
+    start = time.monotonic()
+    with pytest.raises(TrainingError) as info:
+        run_training(TorchrunArgs(nproc_per_node=2), args)
+    assert info.value.rank == 1 and info.value.exit_code == -9
+    assert "killed by signal SIGKILL" in info.value.reason and "out of memory" in info.value.reason
+    assert time.monotonic() - start < 90
+    assert len(read_metrics(args.ckpt_output_dir)) == 2
+    assert processes_mentioning(str(Path(args.ckpt_output_dir) / "job.json")) == []
 
 
 def test_one_rank_failing_mid_training_is_named_and_nothing_hangs(workspace, tmp_path, monkeypatch):
@@ -259,6 +290,43 @@ def test_settings_refused_before_launch(workspace, monkeypatch):
     with pytest.raises(TypeError, match="training_args"):
         run_training(TorchrunArgs())
     assert not (workspace["root"] / "refused").exists()
+
+
+def test_bad_model_or_data_is_refused_before_any_worker_starts(workspace, tokenizer_dirs, tmp_path):
+    """Each refusal names the path and the fix, and comes before a worker (or preprocessing
+    of the data) starts: nothing is written to the output directory's log."""
+    import shutil
+
+    from instructpack import DatasetError
+    from instructpack.data.shards import load_dataset
+
+    out = "refused-early"
+    with pytest.raises(ConfigError, match="does not exist.*does not download"):
+        run_training(TorchrunArgs(), training_args(workspace, out, model_path=str(tmp_path / "no-such-model")))
+    with pytest.raises(ConfigError, match="config.json"):  # a tokenizer directory is not a model
+        run_training(TorchrunArgs(), training_args(workspace, out, model_path=str(tokenizer_dirs["chatml"])))
+
+    plain = tmp_path / "no-template"  # the model with its chat template removed
+    shutil.copytree(workspace["model"], plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no chat template; give one with chat_tmpl_path"):
+        run_training(TorchrunArgs(), training_args(workspace, out, model_path=str(plain),
+                                                   data_output_dir=str(tmp_path / "processed-plain")))
+
+    # Data preprocessed with another tokenizer, given as it is (process_data=False).
+    other = training_args(workspace, out, model_path=str(tokenizer_dirs["llama3"]),
+                          data_output_dir=str(tmp_path / "processed-llama3"))
+    from instructpack import DataProcessArgs, data_process
+    made = data_process.main(DataProcessArgs(data_path=other.data_path, data_output_path=other.data_output_dir,
+                                             model_path=other.model_path, max_seq_len=512), progress=False)
+    assert len(load_dataset(made.output_path)) > 0
+    with pytest.raises(DatasetError, match="tokenized with the tokenizer of .*llama3.*re-run preprocessing"):
+        run_training(TorchrunArgs(), training_args(workspace, out, process_data=False,
+                                                   data_output_dir=str(made.output_path)))
+    assert not (workspace["root"] / out / "training.log").exists()
 
 
 def test_command_line_train_from_a_config_file(workspace, capsys):

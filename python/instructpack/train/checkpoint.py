@@ -21,8 +21,9 @@ import torch
 
 from ..config import DistributedBackend, LoraOptions, TrainingArgs
 from .backends import Backend
-from .distributed import World, barrier
+from .distributed import World
 from .model import hf_model, training_dtype
+from .state import write_collectively
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def save_hf_checkpoint(backend: Backend, tokenizer, directory: Path, world: Worl
     """Called on every rank (sharded backends gather the weights collectively); rank 0
     writes. A LoRA run writes the adapter and, unless turned off, the merged model."""
     state = backend.full_state_dict()
-    if world.is_main:
+
+    def write() -> None:
         tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
@@ -96,7 +98,10 @@ def save_hf_checkpoint(backend: Backend, tokenizer, directory: Path, world: Worl
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         log.info("saved checkpoint %s", directory)
-    barrier(world)
+
+    # Rank 0 writes; if it fails (a full disk), every rank raises instead of waiting for it.
+    write_collectively(write, world, directory, main_only=True,
+                       kept="earlier checkpoints are intact (each is written aside and renamed into place)")
 
 
 def _save_model(model: torch.nn.Module, state: dict[str, torch.Tensor], directory: Path,

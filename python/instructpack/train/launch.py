@@ -32,7 +32,10 @@ import numpy as np
 
 from ..config import ConfigError, DataProcessArgs, DistributedBackend, TorchrunArgs, TrainingArgs, config_from_dict
 from .job import STOP_FILE, STOP_SIGNALS, STOPPED_FILE, JobConfig, write_job
+from ..data.shards import read_manifest
 from .metrics import check_sinks
+from .model_files import check_model_dir
+from .state import check_resumable, run_fingerprint
 
 LOG_FILE = "training.log"
 JOB_FILE = "job.json"
@@ -80,7 +83,11 @@ def run_training(torchrun_args: TorchrunArgs | Mapping | None = None,
 
     out = Path(training_args.ckpt_output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dataset_path = prepare_dataset(training_args, world_size=_world_size(torchrun_args))
+    world_size = _world_size(torchrun_args)
+    dataset_path = prepare_dataset(training_args, world_size=world_size)
+    if world_size is not None:  # else the workers check, once they know the world size
+        # A run that cannot resume the newest full state is refused before any worker starts.
+        check_resumable(out, run_fingerprint(training_args, read_manifest(dataset_path), world_size))
     status_dir = Path(tempfile.mkdtemp(prefix=".run-", dir=out))
     job = write_job(out / JOB_FILE, JobConfig(training_args=training_args, dataset_path=str(dataset_path),
                                               status_dir=str(status_dir), progress_bar=sys.stderr.isatty()))
@@ -114,6 +121,7 @@ def _world_size(t: TorchrunArgs) -> int | None:
 
 
 def _check_supported(t: TorchrunArgs, args: TrainingArgs) -> None:
+    check_model_dir(args.model_path, trust_remote_code=args.trust_remote_code)  # names the file and the fix
     if args.lora is not None and args.lora.quantize_data_type is not None \
             and args.distributed_backend != DistributedBackend.DDP:
         raise ConfigError("training_args", ("distributed_backend",),
@@ -143,6 +151,7 @@ def _check_supported(t: TorchrunArgs, args: TrainingArgs) -> None:
 def prepare_dataset(args: TrainingArgs, world_size: int | None = None) -> Path:
     """The dataset directory the workers read: mock data, freshly (or previously) processed
     data, or data_output_dir as it is. Checked here so that bad data fails before launch."""
+    from ..data.compat import check_dataset_matches_model
     from ..data.sampler import MultipackSampler
     from ..data.shards import load_dataset
 
@@ -159,7 +168,10 @@ def prepare_dataset(args: TrainingArgs, world_size: int | None = None) -> Path:
         path = result.output_path
     else:
         path = Path(args.data_output_dir)
-    dataset = load_dataset(path)  # DatasetError names the file and the fix
+    # Every byte is checked against the manifest's checksums once here (a damaged shard
+    # fails before launch, naming the file), and the tokens against the model's tokenizer.
+    dataset = load_dataset(path, verify=True)  # DatasetError names the file and the fix
+    check_dataset_matches_model(path, args.model_path, args.chat_tmpl_path)
     # Planning settings are checked now (sample longer than max_batch_len, batch smaller
     # than the world...) rather than in every worker after the model has loaded.
     MultipackSampler(dataset.lengths, effective_batch_size=args.effective_batch_size,
@@ -252,7 +264,7 @@ def _stop_requests(stop_file: Path):
         name = signal.Signals(signum).name
         if stop_file.exists():
             raise _StopNow(f"a second {name}")
-        stop_file.touch()
+        stop_file.write_text(f"{name} to the launcher\n")
         print(f"\n{name}: the workers stop after the current step and save the training state; send it again "
               "to stop them at once", file=sys.stderr, flush=True)
 

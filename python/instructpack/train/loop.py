@@ -115,8 +115,9 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
                                             fingerprint, world)
                 if stopping:
                     result = TrainResult(backend, progress, stopped_by=stop.reason(), checkpoint=saved)
-                    log.warning("stopped by %s after step %d/%d; the full training state is in %s: run the same "
-                                "job again to resume", result.stopped_by, progress.step, total_steps, saved)
+                    if world.is_main:
+                        log.warning("stopped by %s after step %d/%d; the full training state is in %s: run the "
+                                    "same job again to resume", result.stopped_by, progress.step, total_steps, saved)
                     break
     finally:
         bar.close()

@@ -18,7 +18,8 @@ from .job import STOP_SIGNALS
 class StopRequest:
     def __init__(self, stop_file: str | Path | None = None):
         self.stop_file = Path(stop_file) if stop_file is not None else None
-        self.signal_name: str | None = None
+        self.signal: signal.Signals | None = None
+        self._reason: str | None = None
 
     def install(self) -> "StopRequest":
         """Catch the stop signals in this process (the main thread, before training)."""
@@ -28,18 +29,25 @@ class StopRequest:
 
     def _on_signal(self, signum: int, frame) -> None:
         # Only a flag: the step under way finishes, and the loop checks between steps.
-        self.signal_name = signal.Signals(signum).name
+        self.signal = signal.Signals(signum)
 
     def requested(self) -> bool:
         """This process was asked to stop."""
-        return self.signal_name is not None or (self.stop_file is not None and self.stop_file.exists())
+        return self.signal is not None or (self.stop_file is not None and self.stop_file.exists())
 
     def agreed(self, world: World) -> bool:
-        """Some rank was asked to stop (a collective: every rank calls it after each step)."""
-        (flag,) = all_reduce([float(self.requested())], world, op="max")
-        return bool(flag)
+        """Some rank was asked to stop (a collective: every rank calls it after each step).
+        The highest signal number and the highest rank that got it travel along, so every
+        rank can say why the run stopped."""
+        code = int(self.signal) if self.signal is not None else int(self.requested())  # 1: the stop file
+        code, rank = all_reduce([float(code), float(world.rank if code else -1)], world, op="max")
+        if code > 1:
+            self._reason = f"{signal.Signals(int(code)).name} to rank {int(rank)}"
+        elif code == 1:
+            text = self.stop_file.read_text().strip() if self.stop_file is not None and self.stop_file.exists() else ""
+            self._reason = text or "a stop request"  # the launcher writes what it received
+        return code > 0
 
     def reason(self) -> str:
-        if self.signal_name is not None:
-            return self.signal_name
-        return "a stop request" if self.requested() else "another rank's stop request"
+        """Why the run stopped, once `agreed` said it does."""
+        return self._reason or "a stop request"

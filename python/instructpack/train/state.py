@@ -46,7 +46,7 @@ FORMAT = "instructpack-full-state"
 FORMAT_VERSION = 1
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(OSError):
     """A checkpoint could not be written; the previous complete one is intact."""
 
 
@@ -198,9 +198,16 @@ def save_full_state(ckpt_output_dir: str | Path, backend, scheduler, sampler, pr
         _write_synced(final / COMPLETE, json.dumps({"step": progress.step}) + "\n")
         _fsync_dir(final)
 
-    _on_every_rank(prepare, world, final, main_only=True)
-    _on_every_rank(write_rank_files, world, final)
-    _on_every_rank(finish, world, final, main_only=True)
+    previous = latest_checkpoint(ckpt_output_dir)
+    kept = f"the previous full state, {previous}, is intact" if previous else "there is no earlier full state"
+    try:
+        write_collectively(prepare, world, final, main_only=True, kept=kept)
+        write_collectively(write_rank_files, world, final, kept=kept)
+        write_collectively(finish, world, final, main_only=True, kept=kept)
+    except CheckpointError:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # half-written: free the space again
+        raise
     if world.is_main:
         for old in complete_checkpoints(ckpt_output_dir)[:-1]:
             shutil.rmtree(old, ignore_errors=True)
@@ -209,9 +216,10 @@ def save_full_state(ckpt_output_dir: str | Path, backend, scheduler, sampler, pr
     return final
 
 
-def _on_every_rank(work, world, final: Path, main_only: bool = False) -> None:
+def write_collectively(work, world, target: Path, *, main_only: bool = False, kept: str = "") -> None:
     """Runs `work` (on rank 0 only if main_only), then lets every rank know whether it
-    failed anywhere, so that all raise together instead of some waiting forever."""
+    failed anywhere, so that all raise CheckpointError together instead of some waiting
+    forever in the next collective. `kept` says what is still intact."""
     from .distributed import all_reduce
 
     error = None
@@ -222,13 +230,10 @@ def _on_every_rank(work, world, final: Path, main_only: bool = False) -> None:
             error = e
     (failed,) = all_reduce([float(error is not None)], world, op="max")
     if failed:
-        if world.is_main:
-            shutil.rmtree(final.parent / f".{final.name}.tmp", ignore_errors=True)
-        previous = latest_checkpoint(final.parent.parent)
-        kept = f"the previous one, {previous}, is intact" if previous else "there is no earlier one"
         cause = f"{error}" if error is not None else "another rank could not write its part"
-        raise CheckpointError(f"could not write the training state {final}: {cause}; {kept}. Free space on that "
-                              "disk or point ckpt_output_dir at a writable one, then run again to resume")
+        raise CheckpointError(f"could not write {target}: {cause}; {kept}. Free space on that disk or point "
+                              "ckpt_output_dir at a writable one, then run again (a run resumes from the newest "
+                              "complete full-state checkpoint)") from error
 
 
 def _write_synced(path: Path, text: str) -> None:
