@@ -110,9 +110,9 @@ def one_process(monkeypatch):
         pytest.skip(f"DeepSpeed already runs on {get_accelerator().device_name()} in this process")
     joined = not dist.is_initialized()
     yield World(0, 0, 1, torch.device("cpu"))
-    if joined and dist.is_initialized():
-        import deepspeed.comm
-        deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups, stale otherwise
+    if joined:
+        from instructpack.train.distributed import shutdown
+        shutdown()  # also drops DeepSpeed's cached groups: the next test's engine starts clean
 
 
 def _one_process_backend(name: str, world, seed: int = 0):

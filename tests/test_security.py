@@ -11,12 +11,13 @@ import json
 import shutil
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
 from instructpack import DataProcessArgs, data_process, load_dataset
 from instructpack.config import TrainingArgs
-from instructpack.data.messages import InputError
+from instructpack.data.chat import UnsafeTemplateError
 from instructpack.examples import CHAT_TEMPLATES, build_tiny_model, write_jsonl
 from instructpack.train.model import load_model, load_tokenizer
 
@@ -239,6 +240,9 @@ def test_chat_template_in_preprocessing_renders_in_a_sandbox(model, tmp_path):
         (model / "chat_template.jinja").write_text(template)
         args = DataProcessArgs(data_path=str(data), data_output_path=str(tmp_path / f"out{i}"),
                                model_path=str(model), max_seq_len=4096, num_cpu_procs=1)
-        with pytest.raises(InputError, match="chat template failed: access to attribute .* is unsafe"):
-            data_process.main(args, progress=False)
+        # The template is at fault, not the data: refused whole, even with skip_invalid_lines.
+        for skip in (False, True):
+            with pytest.raises(UnsafeTemplateError, match="chat template tried an unsafe operation.*access to "
+                                                          "attribute .* is unsafe"):
+                data_process.main(msgspec.structs.replace(args, skip_invalid_lines=skip), progress=False)
         assert not marker.exists()

@@ -20,10 +20,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from jinja2.sandbox import SecurityError
+
 from .messages import Conversation, SampleError
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _SENTINEL_RE = re.compile("\ue000(\\d+)([cr])\ue001")
+
+
+class UnsafeTemplateError(ValueError):
+    """The chat template itself tried to escape its sandbox (read attributes it may not, call
+    what it may not). Fatal for the whole dataset, whatever skip_invalid_lines says."""
 
 
 class TemplateError(SampleError):
@@ -139,6 +146,9 @@ class ChatRenderer:
         try:
             rendered = self._render_jinja(conversations=[messages], chat_template=self.chat_template,
                                           add_generation_prompt=False, **self.special_tokens)
+        except SecurityError as e:  # the template, not the data, is at fault: no line can be skipped past it
+            raise UnsafeTemplateError(f"the chat template tried an unsafe operation, which its sandbox stopped "
+                                      f"({e}); use a template you trust (chat_tmpl_path)") from None
         except Exception as e:  # jinja raises TemplateError, but templates can raise anything
             raise TemplateError(f"chat template failed: {e}") from None
         return rendered[0][0]

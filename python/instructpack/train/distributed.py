@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -83,5 +84,12 @@ def barrier(world: World) -> None:
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
+    if not dist.is_initialized():
+        return
+    ds_comm = sys.modules.get("deepspeed.comm.comm")  # the module whose global `cdb` is live
+    if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+        # Also drops DeepSpeed's cached handles to the groups, which a later engine in this
+        # process (a notebook, a second run) would otherwise find destroyed.
+        ds_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
