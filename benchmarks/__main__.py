@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import load, pack, preprocess, train
+from . import load, pack, preprocess, resume, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     pack.add_parser(sub)
     load.add_parser(sub)
     train.add_parser(sub)
+    resume.add_parser(sub)
     ns = parser.parse_args(argv)
     return ns.run(ns)
 

@@ -13,6 +13,7 @@ After each job, rank 0 saves to the job's ckpt_output_dir:
 
 from __future__ import annotations
 
+import gc
 import sys
 from pathlib import Path
 
@@ -56,19 +57,24 @@ def state_round_trip(job, world, backend) -> dict:
     return out
 
 
+def run_job(path: str, world) -> None:
+    job = read_job(path)
+    setup_logging(job.training_args.log_level, world.rank)
+    backend = run(job, world).backend
+    logits = probe_logits(backend, world.device)
+    check = state_round_trip(job, world, backend)
+    if world.is_main:
+        out = Path(job.training_args.ckpt_output_dir)
+        torch.save(logits, out / "probe_logits.pt")
+        torch.save(check, out / "state_check.pt")
+
+
 def main(paths: list[str]) -> None:
     world = init_distributed()
     try:
         for path in paths:
-            job = read_job(path)
-            setup_logging(job.training_args.log_level, world.rank)
-            backend = run(job, world).backend
-            logits = probe_logits(backend, world.device)
-            check = state_round_trip(job, world, backend)
-            if world.is_main:
-                out = Path(job.training_args.ckpt_output_dir)
-                torch.save(logits, out / "probe_logits.pt")
-                torch.save(check, out / "state_check.pt")
+            run_job(path, world)
+            gc.collect()  # each job's models and reducers go before the process group (see worker.main)
     finally:
         shutdown()
 

@@ -4,11 +4,13 @@ generated conversations with the edge cases preprocessing must get right."""
 from __future__ import annotations
 
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 
 from instructpack import DataProcessArgs, data_process
-from instructpack.examples import TextGenerator, build_tokenizer, write_jsonl
+from instructpack.examples import TextGenerator, build_tiny_model, build_tokenizer, write_jsonl
 
 TEMPLATE_STYLES = ("chatml", "llama3", "granite")
 
@@ -23,6 +25,18 @@ def tokenizer_dirs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tokenizers")
     return {style: build_tokenizer(root / style, template=style, vocab_size=600, corpus_words=20_000)
             for style in TEMPLATE_STYLES}
+
+
+@pytest.fixture(scope="session")
+def valid_model(tokenizer_dirs, tmp_path_factory) -> Path:
+    """A tiny Llama saved with the chatml tokenizer: a valid model directory."""
+    return build_tiny_model(tmp_path_factory.mktemp("valid") / "model", tokenizer_dirs["chatml"])
+
+
+@pytest.fixture
+def model(valid_model, tmp_path) -> Path:
+    """A copy of the valid model directory, for a test to break or tamper with."""
+    return Path(shutil.copytree(valid_model, tmp_path / "model"))
 
 
 def preprocess(tmp_path, model, samples, name="out", **kw):

@@ -4,7 +4,6 @@ as a ConfigError on training_args.model_path that names the file and the fix."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,19 +11,7 @@ from pathlib import Path
 import pytest
 
 from instructpack.config import ConfigError
-from instructpack.examples import build_tiny_model
 from instructpack.train.model_files import check_model_dir
-
-
-@pytest.fixture(scope="module")
-def valid_model(tokenizer_dirs, tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("valid") / "model", tokenizer_dirs["chatml"])
-
-
-@pytest.fixture
-def model(valid_model, tmp_path) -> Path:
-    """A copy of the valid model directory, for a test to break."""
-    return Path(shutil.copytree(valid_model, tmp_path / "model"))
 
 
 def refused(path, **kw) -> str:

@@ -4,12 +4,11 @@ A run is killed with SIGKILL (rank 1 kills itself as a step begins, so rank 0 is
 that step when the job dies), then started again with the same settings. It must resume
 from the newest complete full-state checkpoint and end with the same per-step losses and
 the same final weights as a run that was never interrupted. Faults are injected through a
-`sitecustomize.py` on the workers' PYTHONPATH, so the library has no test hooks.
+`sitecustomize.py` on the workers' PYTHONPATH (faults.py), so the library has no test hooks.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -23,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from faults import inject
 from instructpack import TorchrunArgs, TrainingArgs, TrainingError, run_training
 from instructpack.examples import build_tiny_model, generate_fact_conversations, write_jsonl
 from instructpack.train.metrics import read_metrics
@@ -35,31 +35,6 @@ STEPS_PER_EPOCH = SAMPLES // BATCH  # 5
 TOTAL_STEPS = STEPS_PER_EPOCH * EPOCHS
 FINAL = f"samples_{SAMPLES * EPOCHS}"
 TOL = 1e-6
-
-KILL_RANK_1_IN_STEP = """
-import os, signal
-if os.environ.get("RANK") == "1":
-    import instructpack.train.loop as loop
-    real, calls = loop.run_step, []
-    def dying(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == {step}:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
-    loop.run_step = dying
-"""
-
-SLOW_STEPS = """
-import os, time
-if os.environ.get("RANK") is not None:
-    import instructpack.train.loop as loop
-    real = loop.run_step
-    def slow(*args, **kwargs):
-        time.sleep(0.4)  # long enough for a signal to land mid-run; the math is unchanged
-        return real(*args, **kwargs)
-    loop.run_step = slow
-"""
-
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tokenizer_dirs):
@@ -76,12 +51,6 @@ def training_args(ws, out: str, **overrides) -> TrainingArgs:
                 checkpoint_at_epoch=False, gradient_checkpointing=False, full_state_every_steps=3)
     args.update(overrides)
     return TrainingArgs(**args)
-
-
-def inject(monkeypatch, directory: Path, code: str) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "sitecustomize.py").write_text(code)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(directory), os.environ.get("PYTHONPATH", "")]))
 
 
 def reference(ws, name: str, **overrides) -> Path:
@@ -121,7 +90,8 @@ def kill_and_resume(ws, tmp_path, monkeypatch, out: str, kills: list[tuple[int, 
     done = 0  # steps completed before this launch (its own step count starts after them)
     for kill_in_step, expected_step in kills:
         with monkeypatch.context() as m:
-            inject(m, tmp_path / f"kill-{kill_in_step}", KILL_RANK_1_IN_STEP.format(step=kill_in_step - done))
+            inject(m, tmp_path / f"kill-{kill_in_step}", "os.kill(os.getpid(), signal.SIGKILL)",
+                   step=kill_in_step - done)
             with pytest.raises(TrainingError) as info:
                 run_training(TorchrunArgs(nproc_per_node=2), args)
         assert info.value.rank == 1 and "SIGKILL" in info.value.reason
@@ -204,9 +174,9 @@ def test_stop_signal_saves_the_state_and_the_run_resumes(workspace, tmp_path, ta
                       "except TrainingStopped as e:\n"
                       "    print('STOPPED', e.step, e.reason, flush=True)\n"
                       "    sys.exit(75)\n")
-    (tmp_path / "slow").mkdir()
-    (tmp_path / "slow" / "sitecustomize.py").write_text(SLOW_STEPS)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "slow"), os.environ.get("PYTHONPATH", "")]))
+    with pytest.MonkeyPatch.context() as m:  # steps long enough for a signal to land mid-run; same math
+        inject(m, tmp_path / "slow", "time.sleep(0.4)", ranks=("0", "1"))
+        env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env)
     seen = []

@@ -18,7 +18,7 @@ import torch
 from instructpack import DataProcessArgs, data_process, load_dataset
 from instructpack.config import TrainingArgs
 from instructpack.data.chat import UnsafeTemplateError
-from instructpack.examples import CHAT_TEMPLATES, build_tiny_model, write_jsonl
+from instructpack.examples import CHAT_TEMPLATES, write_jsonl
 from instructpack.train.model import load_model, load_tokenizer
 
 CPU = torch.device("cpu")
@@ -48,17 +48,6 @@ def test_the_jinja_payloads_run_code_outside_a_sandbox(tmp_path):
         (tmp_path / "marker").unlink()
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tokenizer_dirs, tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("security") / "model", tokenizer_dirs["chatml"])
-
-
-@pytest.fixture
-def model(tiny_model, tmp_path) -> Path:
-    """A copy of a valid tiny model directory, for a test to tamper with."""
-    return Path(shutil.copytree(tiny_model, tmp_path / "model"))
-
-
 def training_args(model_path: Path, **kw) -> TrainingArgs:
     return TrainingArgs(model_path=str(model_path), data_path="unused", ckpt_output_dir="unused",
                         data_output_dir="unused", max_seq_len=64, max_batch_len=64, effective_batch_size=8,
@@ -73,8 +62,8 @@ def edit_json(file: Path, **changes) -> None:
 
 # ---------------------------------------------------------------- (a) remote code
 
-def test_trust_remote_code_is_off_by_default(tiny_model):
-    assert training_args(tiny_model).trust_remote_code is False
+def test_trust_remote_code_is_off_by_default(valid_model):
+    assert training_args(valid_model).trust_remote_code is False
 
 
 @pytest.fixture

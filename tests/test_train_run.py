@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from faults import inject
 from instructpack import ConfigError, TorchrunArgs, TrainingArgs, TrainingError, run_training
 from instructpack.demo import greedy_answer
 from instructpack.examples import FACTS, build_tiny_model, fact_question, generate_fact_conversations, write_jsonl
@@ -164,18 +164,7 @@ def test_a_rank_killed_mid_step_is_named_and_the_others_stop(workspace, tmp_path
     """Rank 1 dies by SIGKILL (what the out-of-memory killer sends) as step 3 begins, while
     rank 0 is inside that step waiting for it: the launcher names rank 1 and the signal
     rather than rank 0's consequent error, and returns instead of waiting forever."""
-    (tmp_path / "sitecustomize.py").write_text(
-        "import os, signal\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    import instructpack.train.loop as loop\n"
-        "    real, calls = loop.run_step, []\n"
-        "    def dying(*args, **kwargs):\n"
-        "        calls.append(1)\n"
-        "        if len(calls) == 3:\n"
-        "            os.kill(os.getpid(), signal.SIGKILL)\n"
-        "        return real(*args, **kwargs)\n"
-        "    loop.run_step = dying\n")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    inject(monkeypatch, tmp_path, "os.kill(os.getpid(), signal.SIGKILL)", step=3)
     args = training_args(workspace, "killed-mid", num_epochs=1)
     start = time.monotonic()
     with pytest.raises(TrainingError) as info:
@@ -190,18 +179,7 @@ def test_a_rank_killed_mid_step_is_named_and_the_others_stop(workspace, tmp_path
 def test_one_rank_failing_mid_training_is_named_and_nothing_hangs(workspace, tmp_path, monkeypatch):
     """Rank 1 raises in its third step while rank 0 waits for it in a collective: the error
     names rank 1 and its reason, and the launcher returns instead of waiting forever."""
-    (tmp_path / "sitecustomize.py").write_text(
-        "import os\n"
-        "if os.environ.get('RANK') == '1':\n"
-        "    import instructpack.train.loop as loop\n"
-        "    real, calls = loop.run_step, []\n"
-        "    def failing(*args, **kwargs):\n"
-        "        calls.append(1)\n"
-        "        if len(calls) == 3:\n"
-        "            raise MemoryError('injected: out of memory in step 3')\n"
-        "        return real(*args, **kwargs)\n"
-        "    loop.run_step = failing\n")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    inject(monkeypatch, tmp_path, "raise MemoryError('injected: out of memory in step 3')", step=3)
     args = training_args(workspace, "fail-mid", num_epochs=1)
     start = time.monotonic()
     with pytest.raises(TrainingError) as info:

@@ -82,6 +82,9 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
     metrics = MetricsLogger(args.ckpt_output_dir, args, run_config=msgspec.to_builtins(args),
                             resume_after_step=progress.step if resumed_from else None) if world.is_main else None
     bar = ProgressBar(total_steps, enabled=world.is_main and progress_bar, initial=progress.step)
+    if resumed_from is not None and sampler.epoch >= args.num_epochs and world.is_main:
+        log.warning("%s is the state at the end of training: nothing is left to do. To train again from the "
+                    "start, delete %s or use another ckpt_output_dir", resumed_from, resumed_from.parent)
     log.info("training: %d samples, %d epochs of %d steps, %d processes (%s)", len(dataset), args.num_epochs,
              sampler.steps_per_epoch, world.world_size, backend.name)
 

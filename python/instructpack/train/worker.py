@@ -9,6 +9,7 @@ state saved; rank 0 then writes `stopped.json` there and every rank exits with s
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -89,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run(job, world, stop)
         if result.stopped_by is not None and world.is_main:
             write_stopped(job.status_dir, result)
+        # The model, its DDP reducer and their pending gloo work must go before the process
+        # group: destroyed after it, in the exit of the interpreter, gloo's destructor waits
+        # for a thread that waits for the GIL the destructor holds.
+        del result
+        gc.collect()
     except BaseException as exc:
         write_failure(job.status_dir, rank, exc)
         raise
