@@ -11,13 +11,18 @@ One process, the 40.6M-parameter Llama of `benchmarks train --backend` (fp32, Ad
   trainers do (iterating the data loader through the steps already done, collating each
   batch). The ratio late/early shows that our cost does not grow with the position.
 
-Measured on 2 cores (no GPU):
+Measured on 2 cores (no GPU), two runs (the page cache makes the saves noisy):
 
-    HF checkpoint save            0.46 s    162.6 MB
-    full-state save               1.10 s    487.9 MB   (2.4x the HF save: 3x the bytes)
-    full-state load (resume)      0.35 s
-    first batch after step 10:    ours 0.21 s, replay 0.22 s
-    first batch after step 15000: ours 0.21 s (1.00x step 10), replay 26.8 s (122x step 10)
+    HF checkpoint save            0.26-0.42 s   162.5 MB
+    full-state save               0.95-0.98 s   487.3 MB   (2.3-3.6x the HF save, 3.0x the bytes)
+    full-state load (resume)      0.63-0.77 s
+    first batch after step 10:    ours 0.03 s, replay 0.02-0.03 s
+    first batch after step 15000: ours 0.03 s (0.96-1.04x step 10), replay 0.8 s (30-32x step 10)
+
+The full state is three times the weights (fp32 weights plus AdamW's two moments), so it
+costs about three HF checkpoints on the disk. Replaying is cheap per step here (C++
+collation, no model), so a trainer that replays through its data loader pays at least this
+much on resume; one that runs its forward passes pays far more.
 """
 
 from __future__ import annotations
