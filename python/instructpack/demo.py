@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> None:
                         ckpt_output_dir=str(root / "checkpoints"), max_seq_len=2048, max_batch_len=4096,
                         effective_batch_size=16, num_epochs=ns.epochs, learning_rate=3e-3, warmup_steps=10,
                         checkpoint_at_epoch=False, gradient_checkpointing=False, data_process_num_cpu_procs=2)
+    # The demo trains from the start each time: a run in a directory that holds a full-state
+    # checkpoint would resume from it (here: find the training finished).
+    shutil.rmtree(args.ckpt_output_dir, ignore_errors=True)
     run_training(TorchrunArgs(nproc_per_node=ns.nproc), args)
 
     from .train.checkpoint import HF_FORMAT
