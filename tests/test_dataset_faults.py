@@ -230,6 +230,13 @@ def test_manifest_names_only_files_inside_the_dataset(ds, name):
                     r"\(no directories\)")
 
 
+def test_a_shard_linked_from_outside_the_dataset_is_refused(ds):
+    outside = ds.parent / "elsewhere.bin"  # a valid shard: the link itself is the fault
+    shutil.move(ds / "shard-00000.bin", outside)
+    (ds / "shard-00000.bin").symlink_to(outside)
+    _open_fails(ds, rf"shard-00000.bin: a link to {outside}, outside the dataset")
+
+
 def test_manifest_listing_no_shards(ds):
     _edit_manifest(ds, lambda m: m.update(shards=[]))
     _open_fails(ds, r'manifest.json: "shards" is \[\], expected a non-empty list')

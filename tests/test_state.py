@@ -217,6 +217,22 @@ def test_a_damaged_trainer_state_is_named(tmp_path):
         resume(tmp_path, run.backend, run.scheduler, run.sampler, {"run": "a"}, WORLD)
 
 
+@pytest.mark.parametrize("damage", ["model/rank00000.pt", "rng_rank00000.pt", "progress"])
+def test_a_checkpoint_missing_a_part_is_named_as_damaged(tmp_path, damage):
+    run = Run(seed=0)
+    run.step()
+    saved = run.save(tmp_path, 1)
+    if damage == "progress":
+        state = json.loads((saved / "trainer_state.json").read_text())
+        del state["progress"]["samples"]
+        (saved / "trainer_state.json").write_text(json.dumps(state))
+    else:
+        (saved / damage).unlink()
+    fresh = Run(seed=1)
+    with pytest.raises(ResumeError, match=r"step_1 is damaged .* delete it to resume from an earlier one"):
+        resume(tmp_path, fresh.backend, fresh.scheduler, fresh.sampler, {"run": "a"}, WORLD)
+
+
 def test_a_model_of_another_shape_is_refused(tmp_path):
     run = Run(seed=0)
     run.step()
@@ -250,3 +266,41 @@ def test_fingerprint_names_what_changed_and_ignores_what_may_change(tmp_path):
         assert f"{field}: the checkpoint has" in str(info.value)
         assert f"delete or move {checkpoint.parent}" in str(info.value)
     check_fingerprint(base, dict(base), checkpoint)  # the same run resumes
+
+
+def _check_shared_in_rank(rank: int, store: str, directories: list[str], results: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    try:
+        state_module.check_shared(directories[rank], World(rank, rank, 2, torch.device("cpu")))
+        outcome = "ok"
+    except ResumeError as e:
+        outcome = str(e)
+    finally:
+        dist.destroy_process_group()
+    Path(results, f"rank{rank}").write_text(outcome)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_ranks_that_do_not_share_the_output_directory_are_told_so(tmp_path, shared):
+    """Two processes, as two machines would be: with one ckpt_output_dir both go on; with a
+    directory of its own each (a machine's local disk), both stop with the reason."""
+    import multiprocessing
+
+    directories = [str(tmp_path / "shared")] * 2 if shared else [str(tmp_path / "node0"), str(tmp_path / "node1")]
+    spawn = multiprocessing.get_context("spawn")
+    procs = [spawn.Process(target=_check_shared_in_rank, args=(r, str(tmp_path / "store"), directories, str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    outcomes = [(tmp_path / f"rank{r}").read_text() for r in range(2)]
+    if shared:
+        assert outcomes == ["ok", "ok"]
+        assert list((tmp_path / "shared" / "full_state").iterdir()) == []  # the probe is cleaned up
+    else:
+        assert all("is not the same directory on every machine" in o and "share" in o for o in outcomes)
+        assert "(another rank cannot see" in outcomes[0] and "(rank 1 cannot see the files rank 0" in outcomes[1]

@@ -198,6 +198,9 @@ class TokenDataset:
             f = self.path / entry["file"]
             if not f.is_file():
                 raise DatasetError(f"{f}: shard listed in {MANIFEST} is missing; {_FIX}")
+            if f.resolve().parent != self.path.resolve():  # a link out of the dataset, like "../x" in the manifest
+                raise DatasetError(f"{f}: a link to {f.resolve()}, outside the dataset; a dataset's shards are files "
+                                   f"inside its directory; {_FIX}")
             if f.stat().st_size != entry["bytes"]:
                 raise DatasetError(f"{f}: {f.stat().st_size} bytes, the manifest says {entry['bytes']} "
                                    f"(truncated or replaced); {_FIX}")

@@ -100,7 +100,7 @@ class Backend:
 
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=_trained_only())
         if self.sharded_state or self.world is None or self.world.is_main:
-            Path(directory).mkdir(parents=True, exist_ok=True)
+            Path(directory).mkdir(exist_ok=True)  # not its parents: they must be there for every rank
             state = {"model": _local_tensors(model_state), "optimizer": _local_tensors(optimizer_state)}
             with open(Path(directory) / self._state_file(), "wb") as f:
                 torch.save(state, f)

@@ -98,9 +98,9 @@ def run_training(torchrun_args: TorchrunArgs | Mapping | None = None,
                                           log_path)
         if exit_code != 0:
             raise _failure(exit_code, status_dir, tail, log_path)
-        if (status_dir / STOPPED_FILE).is_file():
-            stopped = json.loads((status_dir / STOPPED_FILE).read_text())
-            raise TrainingStopped(stopped["reason"], stopped["step"], stopped["checkpoint"])
+        stopped = _stopped(status_dir)
+        if stopped is not None:
+            raise stopped
     finally:
         shutil.rmtree(status_dir, ignore_errors=True)
 
@@ -246,6 +246,15 @@ def _run_logged(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[in
             raise
 
 
+def _stopped(status_dir: Path) -> TrainingStopped | None:
+    """What rank 0 recorded when a stop request ended the run, if one did."""
+    path = status_dir / STOPPED_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return TrainingStopped(record["reason"], record["step"], record["checkpoint"])
+
+
 class _StopNow(BaseException):
     """A second stop signal: stop the workers without waiting for the checkpoint."""
 
@@ -263,6 +272,8 @@ def _stop_requests(stop_file: Path):
     def on_signal(signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if stop_file.exists():
+            for sig in STOP_SIGNALS:  # stopping now: later signals must not cut that short
+                signal.signal(sig, signal.SIG_IGN)
             raise _StopNow(f"a second {name}")
         stop_file.write_text(f"{name} to the launcher\n")
         print(f"\n{name}: the workers stop after the current step and save the training state; send it again "
@@ -271,8 +282,8 @@ def _stop_requests(stop_file: Path):
     previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
     try:
         yield
-    except _StopNow as e:
-        raise TrainingStopped(str(e)) from None
+    except _StopNow as e:  # the workers may have saved before the second signal
+        raise _stopped(stop_file.parent) or TrainingStopped(str(e)) from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

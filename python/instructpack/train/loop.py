@@ -112,7 +112,7 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
                 if native_checkpoints is not None and native_checkpoints.due(progress.step, epoch_end, last_step):
                     backend.save_state(checkpoint_dir(
                         args.ckpt_output_dir, progress.samples, args.keep_last_checkpoint_only, DEEPSPEED_FORMAT))
-                stopping = stop.agreed(world)
+                stopping = stop.agreed(world) and not last_step  # at the last step, the run is done anyway
                 if stopping or full_states.due(progress.step, epoch_end, last_step):
                     saved = save_full_state(args.ckpt_output_dir, backend, scheduler, sampler, progress,
                                             fingerprint, world)

@@ -40,9 +40,10 @@ class StopRequest:
         The highest signal number and the highest rank that got it travel along, so every
         rank can say why the run stopped."""
         code = int(self.signal) if self.signal is not None else int(self.requested())  # 1: the stop file
-        code, rank = all_reduce([float(code), float(world.rank if code else -1)], world, op="max")
+        (agreed,) = all_reduce([float(code * world.world_size + world.rank)], world, op="max")
+        code, rank = divmod(int(agreed), world.world_size)  # the highest code, and a rank that has it
         if code > 1:
-            self._reason = f"{signal.Signals(int(code)).name} to rank {int(rank)}"
+            self._reason = f"{signal.Signals(code).name} to rank {rank}"
         elif code == 1:
             text = self.stop_file.read_text().strip() if self.stop_file is not None and self.stop_file.exists() else ""
             self._reason = text or "a stop request"  # the launcher writes what it received

@@ -29,7 +29,7 @@ import os
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import msgspec
@@ -220,8 +220,12 @@ def save_full_state(ckpt_output_dir: str | Path, backend, scheduler, sampler, pr
 
 def write_collectively(work, world, target: Path, *, main_only: bool = False, kept: str = "") -> None:
     """Runs `work` (on rank 0 only if main_only), then lets every rank know whether it
-    failed anywhere, so that all raise CheckpointError together instead of some waiting
-    forever in the next collective. `kept` says what is still intact."""
+    failed, so that all raise CheckpointError together instead of some waiting forever in
+    the next collective. `kept` says what is still intact.
+
+    Work on every rank may hold collectives of its own (DeepSpeed's save has barriers): a
+    rank that fails in it cannot know which collective the others wait in, so it raises at
+    once; its exit ends the job (torchrun stops the others) and the launcher names it."""
     from .distributed import all_reduce
 
     error = None
@@ -229,13 +233,48 @@ def write_collectively(work, world, target: Path, *, main_only: bool = False, ke
         try:
             work()
         except Exception as e:  # disk full, permissions, quota (torch.save says RuntimeError)
+            if not main_only:
+                raise _write_error(target, e, kept) from e
             error = e
     (failed,) = all_reduce([float(error is not None)], world, op="max")
     if failed:
-        cause = f"{error}" if error is not None else "another rank could not write its part"
-        raise CheckpointError(f"could not write {target}: {cause}; {kept}. Free space on that disk or point "
-                              "ckpt_output_dir at a writable one, then run again (a run resumes from the newest "
-                              "complete full-state checkpoint)") from error
+        raise _write_error(target, error, kept) from error
+
+
+def _write_error(target: Path, error: Exception | None, kept: str) -> CheckpointError:
+    cause = f"{error}" if error is not None else "rank 0 could not write it"
+    return CheckpointError(f"could not write {target}: {cause}; {kept}. Free space on that disk or point "
+                           "ckpt_output_dir at a writable one, then run again (a run resumes from the newest "
+                           "complete full-state checkpoint)")
+
+
+def check_shared(ckpt_output_dir: str | Path, world) -> None:
+    """Every rank writes its part of a full-state checkpoint into one directory, so all of
+    them must see the same ckpt_output_dir (a filesystem every machine shares). Checked
+    once at the start: rank 0 leaves a token there, every rank reads it."""
+    from .distributed import all_reduce
+
+    if not world.distributed:
+        return
+    root = full_state_root(ckpt_output_dir)
+    token = random.SystemRandom().randrange(1, 2**40) if world.is_main else 0
+    probe = root / ".shared"
+    if world.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_text(str(token))
+    (token,) = all_reduce([float(token)], world)  # rank 0's token, once it is written
+    try:
+        seen = probe.read_text() == str(int(token))
+    except OSError:
+        seen = False
+    (missing,) = all_reduce([float(not seen)], world, op="max")
+    if world.is_main:
+        probe.unlink(missing_ok=True)
+    if missing:
+        who = "another rank" if seen else f"rank {world.rank}"
+        raise ResumeError(f"{root} is not the same directory on every machine ({who} cannot see the files rank 0 "
+                          "writes there): full-state checkpoints hold every rank's part, so ckpt_output_dir must be "
+                          "on a filesystem that all machines share")
 
 
 def _write_synced(path: Path, text: str) -> None:
@@ -303,6 +342,7 @@ def resume(ckpt_output_dir: str | Path, backend, scheduler, sampler, fingerprint
     rank must see the same checkpoint (ckpt_output_dir on a shared filesystem)."""
     from .distributed import all_reduce
 
+    check_shared(ckpt_output_dir, world)
     checkpoint = check_resumable(ckpt_output_dir, fingerprint)
     step = _step_of(checkpoint) if checkpoint is not None else -1
     highest, lowest = all_reduce([step, -step], world, op="max")
@@ -316,12 +356,15 @@ def resume(ckpt_output_dir: str | Path, backend, scheduler, sampler, fingerprint
     if state["world_size"] != world.world_size:  # also in the fingerprint; the files are per rank
         raise ResumeError(f"{checkpoint} was written by {state['world_size']} processes, this run has "
                           f"{world.world_size}")
-    backend_state = backend.load_state(checkpoint / MODEL_STATE)
-    del backend_state  # DeepSpeed's client state: everything else is in trainer_state.json
-    scheduler.load_state_dict(state["scheduler"])
-    sampler.load_state_dict(state["sampler"])
-    _load_rng(checkpoint / f"rng_rank{world.rank:05d}.pt")
-    progress = Progress(**state["progress"])
+    try:
+        backend.load_state(checkpoint / MODEL_STATE)  # DeepSpeed returns its client state: unused
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        _load_rng(checkpoint / f"rng_rank{world.rank:05d}.pt")
+        progress = Progress(**{f.name: state["progress"][f.name] for f in fields(Progress)})  # every one
+    except (OSError, RuntimeError, KeyError, TypeError) as e:  # a file missing or cut short, a field missing
+        raise ResumeError(f"{checkpoint} is damaged ({type(e).__name__}: {e}); delete it to resume from an earlier "
+                          f"one, or start fresh by moving {checkpoint.parent} away") from e
     log.info("resumed from %s: step %d, %d samples seen, epoch %d step %d next", checkpoint, progress.step,
              progress.samples, sampler.epoch, sampler.step)
     return progress, checkpoint
