@@ -27,8 +27,8 @@ from ..data.shards import load_dataset
 from .distributed import World, init_distributed, shutdown
 from .job import STOP_FILE, STOPPED_FILE, JobConfig, read_job
 from .loop import TrainResult, train
-from .preemption import StopRequest
 from .model import load_model, load_tokenizer
+from .preemption import StopRequest
 
 log = logging.getLogger("instructpack.train")
 
