@@ -127,14 +127,14 @@ def test_a_failure_before_the_mark_leaves_the_previous_checkpoint(tmp_path, monk
     run = Run(seed=0)
     run.step()
     previous = run.save(tmp_path, 1)
-    real = state_module._write_synced
+    real = state_module.write_synced
 
     def failing(path, text):
         if path.name == COMPLETE:
             raise OSError(28, "No space left on device")
         real(path, text)
 
-    monkeypatch.setattr(state_module, "_write_synced", failing)
+    monkeypatch.setattr(state_module, "write_synced", failing)
     run.step()
     with pytest.raises(CheckpointError) as info:
         run.save(tmp_path, 2)

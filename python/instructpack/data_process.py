@@ -27,8 +27,9 @@ from .config import DataProcessArgs
 from .data import encode
 from .data.chat import load_tokenizer_files
 from .data.messages import InputError
-from .data.shards import FORMAT, FORMAT_VERSION, MANIFEST, DatasetError, ShardSequenceWriter, read_manifest, \
+from .data.shards import FORMAT, FORMAT_VERSION, DatasetError, ShardSequenceWriter, read_manifest, \
     token_dtype_for, write_manifest
+from .fileio import replace_directory
 
 CHUNK_LINES = 256
 CHUNK_BYTES = 1 << 20
@@ -69,7 +70,7 @@ def main(args: DataProcessArgs, progress: bool | None = None, shard_tokens: int 
         manifest.update(fingerprint=fingerprint, elapsed_s=round(time.perf_counter() - start, 3))
         manifest["source"]["sha256"] = input_sha
         write_manifest(tmp, manifest)
-        _replace_directory(tmp, out)
+        replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -110,21 +111,6 @@ def _remove_stale_temporaries(out: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
         except (ValueError, PermissionError):
             pass
-
-
-def _replace_directory(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_chunks(f, first_line: int = 1):

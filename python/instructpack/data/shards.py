@@ -4,12 +4,12 @@ shards of bounded size; reading memory-maps them through the C++ reader."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from .. import kernels
+from ..fileio import write_synced
 
 FORMAT = "instructpack-shards"
 FORMAT_VERSION = 1
@@ -82,12 +82,7 @@ class ShardSequenceWriter:
 
 def write_manifest(directory: Path, manifest: dict) -> None:
     """Written last and fsync'd: a directory with a manifest is a complete dataset."""
-    path = Path(directory) / MANIFEST
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    write_synced(Path(directory) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
 def read_manifest(directory: str | Path) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import DistributedBackend, LoraOptions, TrainingArgs
+from ..fileio import replace_directory
 from .backends import Backend
 from .distributed import World
 from .model import hf_model, training_dtype
@@ -93,7 +93,7 @@ def save_hf_checkpoint(backend: Backend, tokenizer, directory: Path, world: Worl
             else:
                 _save_model(hf_model(backend.model), state, tmp, training_dtype(world.device))
                 tokenizer.save_pretrained(tmp)
-            _replace(tmp, directory)
+            replace_directory(tmp, directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -135,15 +135,3 @@ def without_tied_copies(model: torch.nn.Module, state: dict[str, torch.Tensor]) 
         if first.setdefault(id(param), name) != name:
             copies.add(name)
     return {k: v for k, v in state.items() if k not in copies}
-
-
-def _replace(tmp: Path, target: Path) -> None:
-    """Rename tmp to target; an existing target (last_epoch) is moved aside first and
-    removed only after the new one is in place."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -35,6 +35,7 @@ from pathlib import Path
 import msgspec
 
 from ..config import DistributedBackend, TrainingArgs
+from ..fileio import fsync_dir, fsync_tree, write_synced
 
 log = logging.getLogger(__name__)
 
@@ -191,12 +192,12 @@ def save_full_state(ckpt_output_dir: str | Path, backend, scheduler, sampler, pr
         state = {"format": FORMAT, "format_version": FORMAT_VERSION, "time": time.time(),
                  "progress": asdict(progress), "sampler": sampler.state_dict(),
                  "scheduler": scheduler.state_dict(), "fingerprint": fingerprint, "world_size": world.world_size}
-        _write_synced(tmp / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
-        _fsync_tree(tmp)
+        write_synced(tmp / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
+        fsync_tree(tmp)
         os.replace(tmp, final)
-        _fsync_dir(root)
-        _write_synced(final / COMPLETE, json.dumps({"step": progress.step}) + "\n")
-        _fsync_dir(final)
+        fsync_dir(root)
+        write_synced(final / COMPLETE, json.dumps({"step": progress.step}) + "\n")
+        fsync_dir(final)
 
     previous = latest_checkpoint(ckpt_output_dir)
     kept = f"the previous full state, {previous}, is intact" if previous else "there is no earlier full state"
@@ -275,32 +276,6 @@ def check_shared(ckpt_output_dir: str | Path, world) -> None:
         raise ResumeError(f"{root} is not the same directory on every machine ({who} cannot see the files rank 0 "
                           "writes there): full-state checkpoints hold every rank's part, so ckpt_output_dir must be "
                           "on a filesystem that all machines share")
-
-
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for directory, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(directory))
 
 
 # ------------------------------------------------------------------ random generators
