@@ -159,10 +159,18 @@ def read_trainer_state(checkpoint: Path) -> dict:
 def check_resumable(ckpt_output_dir: str | Path, fingerprint: dict[str, str]) -> Path | None:
     """The newest complete checkpoint, after checking that this run may resume it; None if
     there is none (a fresh start)."""
-    checkpoint = latest_checkpoint(ckpt_output_dir)
-    if checkpoint is not None:
-        check_fingerprint(read_trainer_state(checkpoint)["fingerprint"], fingerprint, checkpoint)
+    checkpoint, _ = _resumable(ckpt_output_dir, fingerprint)
     return checkpoint
+
+
+def _resumable(ckpt_output_dir: str | Path, fingerprint: dict[str, str]) -> tuple[Path | None, dict | None]:
+    """The newest complete checkpoint and its trainer state, fingerprint checked."""
+    checkpoint = latest_checkpoint(ckpt_output_dir)
+    if checkpoint is None:
+        return None, None
+    state = read_trainer_state(checkpoint)
+    check_fingerprint(state["fingerprint"], fingerprint, checkpoint)  # world size included: files are per rank
+    return checkpoint, state
 
 
 # ------------------------------------------------------------------ writing
@@ -191,7 +199,7 @@ def save_full_state(ckpt_output_dir: str | Path, backend, scheduler, sampler, pr
     def finish() -> None:
         state = {"format": FORMAT, "format_version": FORMAT_VERSION, "time": time.time(),
                  "progress": asdict(progress), "sampler": sampler.state_dict(),
-                 "scheduler": scheduler.state_dict(), "fingerprint": fingerprint, "world_size": world.world_size}
+                 "scheduler": scheduler.state_dict(), "fingerprint": fingerprint}
         write_synced(tmp / TRAINER_STATE, json.dumps(state, indent=2) + "\n")
         fsync_tree(tmp)
         os.replace(tmp, final)
@@ -318,7 +326,7 @@ def resume(ckpt_output_dir: str | Path, backend, scheduler, sampler, fingerprint
     from .distributed import all_reduce
 
     check_shared(ckpt_output_dir, world)
-    checkpoint = check_resumable(ckpt_output_dir, fingerprint)
+    checkpoint, state = _resumable(ckpt_output_dir, fingerprint)
     step = _step_of(checkpoint) if checkpoint is not None else -1
     highest, lowest = all_reduce([step, -step], world, op="max")
     if highest != -lowest:
@@ -327,10 +335,6 @@ def resume(ckpt_output_dir: str | Path, backend, scheduler, sampler, fingerprint
                           "be one directory that every machine shares")
     if checkpoint is None:
         return Progress(), None
-    state = read_trainer_state(checkpoint)
-    if state["world_size"] != world.world_size:  # also in the fingerprint; the files are per rank
-        raise ResumeError(f"{checkpoint} was written by {state['world_size']} processes, this run has "
-                          f"{world.world_size}")
     try:
         backend.load_state(checkpoint / MODEL_STATE)  # DeepSpeed returns its client state: unused
         scheduler.load_state_dict(state["scheduler"])
