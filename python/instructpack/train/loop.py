@@ -89,9 +89,9 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
              sampler.steps_per_epoch, world.world_size, backend.name)
 
     start = time.perf_counter() - progress.elapsed_s  # a resumed run's clock goes on
-    result = TrainResult(backend, progress)
+    stopped_by, saved = None, None
     try:
-        while sampler.epoch < args.num_epochs and result.stopped_by is None:
+        while sampler.epoch < args.num_epochs and stopped_by is None:
             for step in loader:
                 reset_peak_memory(world.device)
                 step_result = run_step(backend, step, scheduler, device=world.device)
@@ -117,17 +117,17 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
                     saved = save_full_state(args.ckpt_output_dir, backend, scheduler, sampler, progress,
                                             fingerprint, world)
                 if stopping:
-                    result = TrainResult(backend, progress, stopped_by=stop.reason(), checkpoint=saved)
+                    stopped_by = stop.reason()
                     if world.is_main:
                         log.warning("stopped by %s after step %d/%d; the full training state is in %s: run the "
-                                    "same job again to resume", result.stopped_by, progress.step, total_steps, saved)
+                                    "same job again to resume", stopped_by, progress.step, total_steps, saved)
                     break
     finally:
         bar.close()
         if metrics is not None:
             metrics.close()
-    if result.stopped_by is None:
+    if stopped_by is None:
         log.info("training done: %d steps, %d samples in %.1f s", progress.step, progress.samples,
                  time.perf_counter() - start)
-        result = TrainResult(backend, progress)
-    return result
+        return TrainResult(backend, progress)
+    return TrainResult(backend, progress, stopped_by=stopped_by, checkpoint=saved)
