@@ -155,6 +155,12 @@ def prepare_dataset(args: TrainingArgs, world_size: int | None = None) -> Path:
     from ..data.sampler import MultipackSampler
     from ..data.shards import load_dataset
 
+    # Every byte of a dataset that was on the disk before is checked against the manifest's
+    # checksums (a damaged shard fails before launch, naming the file), and a dataset given
+    # as it is, against the model's tokenizer. What preprocessing writes or reuses now was
+    # made with this tokenizer and template (they are part of its reuse fingerprint), and
+    # what it has just written was checksummed as it was written.
+    just_written = False
     if args.mock_data:
         path = _mock_dataset(args)
     elif args.process_data:
@@ -165,13 +171,12 @@ def prepare_dataset(args: TrainingArgs, world_size: int | None = None) -> Path:
             chat_tmpl_path=args.chat_tmpl_path, max_seq_len=args.max_seq_len,
             num_cpu_procs=args.data_process_num_cpu_procs))
         print(result.summary(), flush=True)
-        path = result.output_path
+        path, just_written = result.output_path, not result.reused
     else:
         path = Path(args.data_output_dir)
-    # Every byte is checked against the manifest's checksums once here (a damaged shard
-    # fails before launch, naming the file), and the tokens against the model's tokenizer.
-    dataset = load_dataset(path, verify=True)  # DatasetError names the file and the fix
-    check_dataset_matches_model(path, args.model_path, args.chat_tmpl_path)
+    dataset = load_dataset(path, verify=not just_written)  # DatasetError names the file and the fix
+    if not args.process_data or args.mock_data:
+        check_dataset_matches_model(path, args.model_path, args.chat_tmpl_path)
     # Planning settings are checked now (sample longer than max_batch_len, batch smaller
     # than the world...) rather than in every worker after the model has loaded.
     MultipackSampler(dataset.lengths, effective_batch_size=args.effective_batch_size,
