@@ -74,3 +74,14 @@ def median(values) -> float:
 
 def fmt(x: float, digits: int = 0) -> str:
     return f"{x:,.{digits}f}"
+
+
+def llama_config(*, layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
+                 max_positions: int, **extra):
+    """The benchmarks' model: a Llama of this shape built from its config, output layer untied
+    (as in most models of this size and up, so the output layer's cost is counted)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       max_position_embeddings=max_positions, tie_word_embeddings=False, **extra)

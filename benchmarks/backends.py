@@ -50,7 +50,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ._util import OUTPUT, cache_key, fmt, median
+from ._util import OUTPUT, cache_key, fmt, llama_config, median
 
 HERE = OUTPUT / "backends"
 SEED = 0
@@ -86,7 +86,7 @@ GPU_QUICK = replace(GPU, steps=6, warmup_steps=2)
 def build_inputs(setup: Setup):
     """A saved model directory and a synthetic dataset, made once and cached."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     from instructpack.data.synthetic import write_synthetic_dataset
     from instructpack.examples import build_tokenizer
@@ -94,10 +94,9 @@ def build_inputs(setup: Setup):
     key = cache_key({"setup": setup.__dict__}, __file__)
     model_dir, data_dir = HERE / f"model-{key}", HERE / f"data-{key}"
     if not (model_dir / "config.json").is_file():
-        config = LlamaConfig(vocab_size=setup.vocab, hidden_size=setup.hidden, intermediate_size=setup.intermediate,
-                             num_hidden_layers=setup.layers, num_attention_heads=setup.heads,
-                             num_key_value_heads=setup.heads, max_position_embeddings=setup.max_batch_len,
-                             tie_word_embeddings=False)
+        config = llama_config(layers=setup.layers, hidden=setup.hidden, intermediate=setup.intermediate,
+                              heads=setup.heads, kv_heads=setup.heads, vocab=setup.vocab,
+                              max_positions=setup.max_batch_len)
         torch.manual_seed(SEED)
         AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
         # Workers load a tokenizer with the model; the data is synthetic token ids, so a small one does.

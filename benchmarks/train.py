@@ -71,7 +71,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ._util import OUTPUT, cache_key, fmt, median
+from ._util import OUTPUT, cache_key, fmt, llama_config, median
 from .pack import lengths as heavy_tailed_lengths
 
 HERE = OUTPUT / "train"
@@ -126,14 +126,13 @@ def dataset(n: int, vocab: int, longest: int):
 
 def build_model(setup: Setup, attn: str, device, dtype):
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
     from instructpack.train.model import enable_activation_checkpointing
 
-    config = LlamaConfig(vocab_size=setup.vocab, hidden_size=setup.hidden, intermediate_size=setup.intermediate,
-                         num_hidden_layers=setup.layers, num_attention_heads=setup.heads,
-                         num_key_value_heads=setup.kv_heads, max_position_embeddings=setup.max_batch_len,
-                         tie_word_embeddings=False, use_cache=False)
+    config = llama_config(layers=setup.layers, hidden=setup.hidden, intermediate=setup.intermediate,
+                          heads=setup.heads, kv_heads=setup.kv_heads, vocab=setup.vocab,
+                          max_positions=setup.max_batch_len, use_cache=False)
     torch.manual_seed(SEED)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
