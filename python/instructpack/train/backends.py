@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from ..config import DistributedBackend, ShardingStrategies, TrainingArgs
 from .distributed import World, ensure_process_group
@@ -139,7 +140,7 @@ def _local_tensors(tree):
     if isinstance(tree, (list, tuple)):
         return type(tree)(_local_tensors(v) for v in tree)
     if isinstance(tree, torch.Tensor):
-        t = tree.to_local() if _is_dtensor(tree) else tree
+        t = tree.to_local() if isinstance(tree, DTensor) else tree
         t = t.detach()
         return t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
     return tree
@@ -165,14 +166,13 @@ def _restore(saved, live, where: str):
             raise ValueError(f"{where}: the saved state does not fit this model (a list of another length)")
         return type(live)(_restore(s, v, f"{where}[{i}]") for i, (s, v) in enumerate(zip(saved, live)))
     if isinstance(live, torch.Tensor):
-        local = live.to_local() if _is_dtensor(live) else live
+        local = live.to_local() if isinstance(live, DTensor) else live
         if not isinstance(saved, torch.Tensor) or saved.shape != local.shape:
             shape = tuple(saved.shape) if isinstance(saved, torch.Tensor) else type(saved).__name__
             raise ValueError(f"{where}: saved {shape}, this run holds {tuple(local.shape)} (another model, "
                              "world size or sharding)")
         tensor = saved.to(device=local.device, dtype=local.dtype)
-        if _is_dtensor(live):
-            from torch.distributed.tensor import DTensor
+        if isinstance(live, DTensor):
             return DTensor.from_local(tensor, live.device_mesh, live.placements, shape=live.shape,
                                       stride=live.stride(), run_check=False)
         return tensor
@@ -185,10 +185,6 @@ def _has_tensors(tree) -> bool:
     if isinstance(tree, (list, tuple)):
         return any(_has_tensors(v) for v in tree)
     return isinstance(tree, torch.Tensor)
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return hasattr(t, "device_mesh") and hasattr(t, "to_local")
 
 
 def _trained_only(strict: bool = True):

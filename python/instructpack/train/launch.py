@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import ConfigError, DataProcessArgs, DistributedBackend, TorchrunArgs, TrainingArgs, config_from_dict
-from .job import STOP_FILE, STOP_SIGNALS, STOPPED_FILE, JobConfig, write_job
 from ..data.shards import read_manifest
+from .job import STOP_FILE, STOP_SIGNALS, STOPPED_FILE, JobConfig, write_job
 from .metrics import check_sinks
 from .model_files import check_model_dir
 from .state import check_resumable, run_fingerprint
