@@ -9,9 +9,9 @@ memory allocated by torch; CPU: the process's peak resident set during the step,
 which includes about 0.5 GiB of imported libraries). On CPU the workers run with
 MALLOC_MMAP_THRESHOLD_=65536: glibc then maps every large tensor on its own and returns it
 on free, so the resident set follows live tensors; by default glibc raises that threshold
-after the first large free, and memory freed while loading the model stays resident. The first step's loss is printed too: every backend does
-the same math, so it must agree. Ratios are against the first backend named, run in the
-same invocation.
+after the first large free, and memory freed while loading the model stays resident. The
+first step's loss is printed too: every backend does the same math, so it must agree.
+Ratios are against the first backend named, run in the same invocation.
 
 CPU: a Llama from config, 4 layers, hidden 768, intermediate 2,048, vocabulary 8,000,
 40.6M parameters (fp32 weights 162 MB; AdamW state twice that), untied output layer, 2
@@ -89,7 +89,7 @@ def build_inputs(setup: Setup):
     from transformers import AutoModelForCausalLM
 
     from instructpack.data.synthetic import write_synthetic_dataset
-    from instructpack.examples import build_tokenizer
+    from instructpack.demo.example import build_tokenizer
 
     key = cache_key({"setup": setup.__dict__}, __file__)
     model_dir, data_dir = HERE / f"model-{key}", HERE / f"data-{key}"

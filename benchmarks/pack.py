@@ -1,5 +1,6 @@
 """`python -m benchmarks pack`: planning one epoch with the C++ multipack planner against its
-numba twin (kernels_ref.plan_epoch, the same algorithm), side by side in this process.
+numba twin (plan_epoch of tests/support/kernels_ref.py, the tests' oracle: the same
+algorithm), side by side in this process.
 
 Lengths are heavy-tailed like chat data (log-normal, mean about 570 tokens, clipped to
 16..4,096). For 100,000 and 1,000,000 samples it plans every combination of world size
@@ -46,7 +47,7 @@ def first_plan(payload: dict) -> dict:
     if payload["impl"] == "cpp":
         from instructpack import kernels as impl
     else:
-        from instructpack import kernels_ref as impl
+        from tests.support import kernels_ref as impl
     lens = lengths(payload["n"])
     start_plan = time.perf_counter()
     impl.plan_epoch(lens, 3840, 8192, 8, SEED, 0)
@@ -64,8 +65,10 @@ def _time(fn, repeats: int) -> tuple[float, tuple]:
 
 
 def run(ns: argparse.Namespace) -> int:
-    from instructpack import kernels, kernels_ref
+    from instructpack import kernels
     from instructpack.data.sampler import EpochPlan
+
+    from tests.support import kernels_ref
 
     sizes = QUICK_SIZES if ns.quick else SIZES
     failures = []
@@ -87,8 +90,8 @@ def run(ns: argparse.Namespace) -> int:
         repeats = 5 if n <= 100_000 else 3
         for world, batch, cap in itertools.product(WORLD_SIZES, BATCH_SIZES, MAX_BATCH_LENS):
             args = (lens, batch, cap, world, SEED, 0)
-            cpp_s, cpp = _time(lambda: kernels.plan_epoch(*args), repeats)
-            numba_s, twin = _time(lambda: kernels_ref.plan_epoch(*args), repeats)
+            cpp_s, cpp = _time(lambda args=args: kernels.plan_epoch(*args), repeats)
+            numba_s, twin = _time(lambda args=args: kernels_ref.plan_epoch(*args), repeats)
             if not all(np.array_equal(a, b) for a, b in zip(cpp, twin)):
                 failures.append(f"{n} samples, {world} ranks, ebs {batch}, {cap}: C++ and numba plans differ")
             stats = EpochPlan(0, world, cap, *cpp).stats(lens)

@@ -34,14 +34,14 @@ HERE = OUTPUT / "preprocess"
 
 
 def _examples_source() -> Path:
-    from instructpack import examples
+    from instructpack.demo import example
 
-    return Path(examples.__file__)
+    return Path(example.__file__)
 
 
 def tokenizer_dir() -> Path:
     """The benchmark tokenizer (byte-level BPE, 32k vocabulary), built once and cached."""
-    from instructpack.examples import build_tokenizer
+    from instructpack.demo.example import build_tokenizer
 
     out = HERE / f"tokenizer-{cache_key(TOKENIZER, _examples_source())}"
     if not (out / "tokenizer.json").is_file():
@@ -56,7 +56,7 @@ def dataset(n: int) -> Path:
     """n generated conversations as JSONL, cached by size, parameters and generator code."""
     import msgspec
 
-    from instructpack.examples import generate_conversations
+    from instructpack.demo.example import generate_conversations
 
     params = {"n": n, "seed": SEED, **GENERATOR}
     path = HERE / f"chat-{n}-{cache_key(params, _examples_source())}.jsonl"
@@ -110,9 +110,9 @@ def measure_pipeline(p: dict) -> dict:
     start = time.perf_counter()
     result = data_process.main(args, progress=False)
     seconds = time.perf_counter() - start
-    c = result.manifest["counts"]
-    return {"seconds": seconds, "samples": c["samples"], "tokens": c["tokens"],
-            "dropped": sum(c["dropped"].values()), **peak_rss_mib()}
+    c = result.manifest.counts
+    return {"seconds": seconds, "samples": c.samples, "tokens": c.tokens, "dropped": sum(c.dropped.values()),
+            **peak_rss_mib()}
 
 
 # ---- the benchmark ----
@@ -185,5 +185,6 @@ def add_parser(sub) -> None:
                    help=f"{QUICK_SAMPLES:,} samples, one run, no scaling run (smoke test)")
     p.add_argument("--repeats", type=int, default=None, help="alternating (a)/(b) runs (default 3; 1 with --quick)")
     p.add_argument("--scale", action=argparse.BooleanOptionalAction, default=None,
-                   help=f"also preprocess {SCALE_FACTOR}x the samples and compare peak RSS (default: on unless --quick)")
+                   help=f"also preprocess {SCALE_FACTOR}x the samples and compare peak RSS "
+                        "(default: on unless --quick)")
     p.set_defaults(run=run)

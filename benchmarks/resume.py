@@ -68,11 +68,12 @@ def run(ns: argparse.Namespace) -> int:
     from instructpack.data.shards import load_dataset
     from instructpack.data.synthetic import write_synthetic_dataset
     from instructpack.train.backends import Backend
-    from instructpack.train.checkpoint import save_hf_checkpoint
+    from instructpack.train.checkpoints.full_state import resume, save_full_state
+    from instructpack.train.checkpoints.hf import save_hf_checkpoint
+    from instructpack.train.checkpoints.identity import Progress
     from instructpack.train.distributed import World
-    from instructpack.train.model import load_model, load_tokenizer
+    from instructpack.train.model.load import load_model, load_tokenizer
     from instructpack.train.optim import build_optimizer, build_scheduler
-    from instructpack.train.state import Progress, resume, save_full_state
 
     from .backends import CPU, build_inputs
 

@@ -31,8 +31,9 @@ not short). One step of ebs 64 (29,438 tokens in 8 micro-batches of at most 4,09
 per variant, warm-up one micro-batch each: about 2.7 minutes on 2 idle cores. --quick: ebs
 16, max_batch_len 2,048, 2 runs, about 20 s.
 
-Attention: --attn, by default what training picks (train.model.choose_attention:
-"sdpa_packed", SDPA run per sample, on CPU; flash_attention_2 on CUDA when installed). Under transformers' stock "sdpa" (and "eager") a packed row gets
+Attention: --attn, by default what training picks (train.model.load.choose_attention:
+"sdpa_packed", SDPA run per sample, on CPU; flash_attention_2 on CUDA when installed).
+Under transformers' stock "sdpa" (and "eager") a packed row gets
 a T x T block-diagonal mask: attention costs T^2 instead of sum(l_i^2), 3.8x here, and SDPA
 loses its causal fast path. Measured on 2 idle cores, default settings, targets/s:
 
@@ -128,7 +129,7 @@ def build_model(setup: Setup, attn: str, device, dtype):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from instructpack.train.model import enable_activation_checkpointing
+    from instructpack.train.model.layers import enable_activation_checkpointing
 
     config = llama_config(layers=setup.layers, hidden=setup.hidden, intermediate=setup.intermediate,
                           heads=setup.heads, kv_heads=setup.kv_heads, vocab=setup.vocab,
@@ -213,14 +214,15 @@ def run(ns: argparse.Namespace) -> int:
     import torch
 
     from instructpack.data.loader import Step
-    from instructpack.train.model import choose_attention, training_dtype
     from instructpack.train.backends import Backend
+    from instructpack.train.model.load import choose_attention
+    from instructpack.train.precision import compute_dtype
     from instructpack.train.step import run_step
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     setup = (GPU_QUICK if ns.quick else GPU) if cuda else (CPU_QUICK if ns.quick else CPU)
-    dtype = training_dtype(device)
+    dtype = compute_dtype(device)
     attn = ns.attn or choose_attention(device, disable_flash_attn=False)
 
     ds = dataset(setup.effective_batch_size * setup.steps, setup.vocab, setup.max_batch_len)

@@ -165,7 +165,9 @@ py::tuple plan_epoch_py(const carray<int64_t>& lengths, int64_t effective_batch_
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "instructpack C++ kernels (see kernels.py for the typed wrappers)";
-  py::register_exception<ShardError>(m, "ShardError", PyExc_ValueError);
+  // A DatasetError (a ValueError), so that callers catch shard faults with the library's other errors.
+  py::object dataset_error = py::module_::import("instructpack.errors").attr("DatasetError");
+  py::register_exception<ShardError>(m, "ShardError", dataset_error.ptr());
 
   m.def("label_mask", &label_mask_py, py::arg("starts"), py::arg("ends"), py::arg("tok_begin"), py::arg("span_starts"),
         py::arg("span_ends"), py::arg("span_begin"));

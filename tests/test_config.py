@@ -542,14 +542,14 @@ def test_config_from_dict():
 
 
 def test_import_is_light():
-    # config.py must not pull in torch/transformers/numpy (loaded standalone on purpose,
-    # so whatever the package __init__ imports does not count).
-    path = Path(__file__).resolve().parents[1] / "python" / "instructpack" / "config.py"
+    # config.py (and errors.py, which it imports) must not pull in torch/transformers/numpy:
+    # loaded without the package's __init__ on purpose, so whatever that imports does not count.
+    package = Path(__file__).resolve().parents[1] / "python" / "instructpack"
     code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('cfg', {str(path)!r})\n"
-        "mod = importlib.util.module_from_spec(spec); sys.modules['cfg'] = mod\n"
-        "spec.loader.exec_module(mod)\n"
+        "import importlib, sys, types\n"
+        f"pkg = types.ModuleType('instructpack'); pkg.__path__ = [{str(package)!r}]\n"
+        "sys.modules['instructpack'] = pkg\n"
+        "importlib.import_module('instructpack.config')\n"
         "heavy = {'torch', 'transformers', 'numpy', 'yaml'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )

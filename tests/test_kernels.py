@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from instructpack import kernels
-from instructpack import kernels_ref as ref
+
+from support import kernels_ref as ref
 
 
 def _csr(counts):
@@ -82,7 +83,8 @@ def test_token_byte_offsets_matches_reference(samples, vocab):
     byte_len = rng.integers(-1, 5, size=vocab).astype(np.int32)  # -1: unknown length
     ids = np.array([t for s in samples for t in s], np.uint32)  # some ids >= vocab: unknown
     begin = _csr([len(s) for s in samples])
-    for got, want in zip(kernels.token_byte_offsets(ids, begin, byte_len), ref.token_byte_offsets(ids, begin, byte_len)):
+    for got, want in zip(kernels.token_byte_offsets(ids, begin, byte_len),
+                         ref.token_byte_offsets(ids, begin, byte_len)):
         np.testing.assert_array_equal(got, want)
 
 

@@ -2,7 +2,9 @@
 
 import numpy as np
 
-class ShardError(ValueError): ...
+from .errors import DatasetError
+
+class ShardError(DatasetError): ...
 
 def label_mask(starts: np.ndarray, ends: np.ndarray, tok_begin: np.ndarray, span_starts: np.ndarray,
                span_ends: np.ndarray, span_begin: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...

@@ -4,9 +4,10 @@ The public API follows the InstructLab Training library, so code written for it 
 only the import line changed. Importing this package does not import torch.
 """
 
+__version__ = "0.1.0"
+
 from . import data_process
 from .config import (
-    ConfigError,
     DataProcessArgs,
     DeepSpeedOptions,
     DistributedBackend,
@@ -19,27 +20,60 @@ from .config import (
     TrainingArgs,
     load_config,
 )
-from .data.shards import DatasetError, TokenDataset, load_dataset
-from .train.launch import TrainingError, TrainingStopped, run_training
-
-__version__ = "0.1.0"
+from .data.shards import TokenDataset, load_dataset
+from .errors import (
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    InputError,
+    InstructPackError,
+    MetricsFileError,
+    MissingPackageError,
+    MissingSinkError,
+    PathExistsError,
+    PathNotFoundError,
+    PlanError,
+    ResumeError,
+    SampleError,
+    TemplateError,
+    TrainingError,
+    TrainingStopped,
+    UnsafeTemplateError,
+    WriteError,
+)
+from .launch import run_training
 
 __all__ = [
+    "CheckpointError",
     "ConfigError",
     "DataProcessArgs",
     "DatasetError",
     "DeepSpeedOptions",
     "DistributedBackend",
     "FSDPOptions",
+    "InputError",
+    "InstructPackError",
     "LoraOptions",
+    "MetricsFileError",
+    "MissingPackageError",
+    "MissingSinkError",
+    "PathExistsError",
+    "PathNotFoundError",
+    "PlanError",
     "QuantizeDataType",
+    "ResumeError",
     "RunConfig",
+    "SampleError",
     "ShardingStrategies",
+    "TemplateError",
     "TokenDataset",
     "TorchrunArgs",
     "TrainingArgs",
     "TrainingError",
     "TrainingStopped",
+    "UnsafeTemplateError",
+    "WriteError",
+    "__version__",
     "data_process",
     "load_config",
     "load_dataset",

@@ -1,4 +1,6 @@
-"""Console entry points. Argument parsing only: the work is in the library."""
+"""Console entry points. Argument parsing only: the work is in the library. Errors the library
+raises on purpose (InstructPackError) are printed as one line and exit 2 (1 for a failed
+training run); anything else is a bug and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ def _preprocess_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 def _run_preprocess(ns: argparse.Namespace) -> int:
     from . import data_process
-    from .config import ConfigError, DataProcessArgs
+    from .config import DataProcessArgs
+    from .errors import InstructPackError
 
     try:
         args = DataProcessArgs(data_path=ns.data_path, data_output_path=ns.data_output_path,
@@ -30,7 +33,7 @@ def _run_preprocess(ns: argparse.Namespace) -> int:
                                chat_tmpl_path=ns.chat_tmpl_path, num_cpu_procs=ns.num_cpu_procs,
                                skip_invalid_lines=ns.skip_invalid_lines, overwrite=ns.overwrite)
         result = data_process.main(args, progress=False if ns.no_progress else None)
-    except (ConfigError, ValueError, OSError) as e:
+    except InstructPackError as e:
         print(f"instructpack-preprocess: error: {e}", file=sys.stderr)
         return 2
     print(result.summary())
@@ -55,11 +58,12 @@ def _plot_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _run_plot(ns: argparse.Namespace) -> int:
-    from .train.plot import plot_metrics  # other commands never load the training package
+    from .errors import InstructPackError
+    from .train.plot import plot_metrics
 
     try:
         path = plot_metrics(ns.ckpt_output_dir, ns.output)
-    except (ValueError, OSError, ImportError) as e:
+    except InstructPackError as e:
         print(f"instructpack plot: error: {e}", file=sys.stderr)
         return 2
     print(path)
@@ -77,19 +81,20 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request with the state saved; run a
 
 def _run_train(ns: argparse.Namespace) -> int:
     from .config import RunConfig, TorchrunArgs, load_config
-    from .train.launch import TrainingError, TrainingStopped, run_training
+    from .errors import InstructPackError, TrainingError, TrainingStopped
+    from .launch import run_training
 
     try:
         config = load_config(ns.config)
         torchrun_args, training_args = ((config.torchrun_args, config.training_args) if isinstance(config, RunConfig)
                                         else (TorchrunArgs(), config))
         run_training(torchrun_args, training_args)
-    except (ValueError, OSError, ImportError, TrainingError) as e:  # config, data and plan errors are ValueErrors
-        print(f"instructpack train: error: {e}", file=sys.stderr)
-        return 2 if not isinstance(e, TrainingError) else 1
     except TrainingStopped as e:  # preempted: a scheduler may requeue the job, which then resumes
         print(f"instructpack train: {e}", file=sys.stderr)
         return EXIT_STOPPED
+    except InstructPackError as e:
+        print(f"instructpack train: error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, TrainingError) else 2
     except KeyboardInterrupt:
         return 130
     return 0

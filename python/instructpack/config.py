@@ -14,7 +14,6 @@ import enum
 import json
 import math
 import re
-import tomllib
 import types
 from collections.abc import Mapping
 from functools import cache
@@ -22,38 +21,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import msgspec
+import tomllib
+
+from .errors import ConfigError
 
 __all__ = [
     "ConfigError", "DistributedBackend", "ShardingStrategies", "QuantizeDataType",
     "TorchrunArgs", "DeepSpeedOptions", "FSDPOptions", "LoraOptions", "TrainingArgs",
     "DataProcessArgs", "RunConfig", "config_from_dict", "load_config",
 ]
-
-_NO_VALUE = object()
-
-
-class ConfigError(ValueError):
-    """An invalid configuration. `field` is the dotted path of the culprit ("" for the
-    whole file), `value` what was given, `problem` what is allowed, `source` the file."""
-
-    def __init__(self, root: str, path: tuple[str, ...], problem: str,
-                 value: Any = _NO_VALUE, source: str | None = None):
-        self.root, self.path, self.problem, self.value, self.source = (
-            root, path, problem, value, source)
-        self.field = ".".join(p for p in (root, *path) if p)
-        shown = self.field
-        if value is not _NO_VALUE:
-            text = repr(value)
-            shown += " = " + (text if len(text) <= 80 else text[:77] + "...")
-        super().__init__(": ".join(p for p in (source, shown, problem) if p))
-
-    def nested(self, root: str, field: str) -> "ConfigError":
-        # A nested object only knows its own name; its parent knows where it sits.
-        return ConfigError(root, (field, *self.path), self.problem, self.value, self.source)
-
-    def from_source(self, source: str) -> "ConfigError":
-        return ConfigError(self.root, self.path, self.problem, self.value, source)
-
 
 def _describe(tp: Any) -> str:
     """A type annotation in words, for error messages."""

@@ -22,22 +22,11 @@ from pathlib import Path
 
 from jinja2.sandbox import SecurityError
 
-from .messages import Conversation, SampleError
+from ..errors import ConfigError, PathNotFoundError, TemplateError, UnsafeTemplateError
+from .messages import Conversation
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _SENTINEL_RE = re.compile("\ue000(\\d+)([cr])\ue001")
-
-
-class UnsafeTemplateError(ValueError):
-    """The chat template itself tried to escape its sandbox (read attributes it may not, call
-    what it may not). Fatal for the whole dataset, whatever skip_invalid_lines says."""
-
-
-class TemplateError(SampleError):
-    """The chat template rejected a conversation, or rendered it in a way that cannot be aligned."""
-
-    def __init__(self, message: str):
-        super().__init__("chat_template", message)
 
 
 def _sentinel(index: int, field: str) -> str:
@@ -80,12 +69,13 @@ def tokenizer_identity(model_path: str | Path) -> TokenizerIdentity:
     """Reads the tokenizer of `model_path` without needing a chat template."""
     model = Path(model_path)
     if not model.is_dir():
-        raise FileNotFoundError(f"model_path {str(model)!r} is not a directory; give the path of a Hugging Face "
-                                "model or tokenizer directory (containing tokenizer.json)")
+        raise PathNotFoundError("", ("model_path",), "not a directory; give the path of a Hugging Face model or "
+                                "tokenizer directory (containing tokenizer.json)", str(model_path))
     tokenizer_json = model / "tokenizer.json"
     if not tokenizer_json.is_file():
-        raise FileNotFoundError(f"{tokenizer_json}: not found. instructpack needs a fast (Rust) tokenizer; save one "
-                                "with `AutoTokenizer.from_pretrained(...).save_pretrained(dir)`")
+        raise PathNotFoundError("", ("model_path",), f"{tokenizer_json} not found: instructpack needs a fast (Rust) "
+                                "tokenizer; save one with `AutoTokenizer.from_pretrained(...).save_pretrained(dir)`",
+                                str(model_path))
     config_path = model / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     special = {k: _token_text(config.get(k)) for k in _SPECIAL_TOKEN_KEYS if _token_text(config.get(k)) is not None}
@@ -110,7 +100,8 @@ def load_tokenizer_files(model_path: str | Path, chat_tmpl_path: str | Path | No
     if chat_tmpl_path is not None:
         tmpl_file = Path(chat_tmpl_path)
         if not tmpl_file.is_file():
-            raise FileNotFoundError(f"chat_tmpl_path {str(tmpl_file)!r}: not found; give a Jinja chat template file")
+            raise PathNotFoundError("", ("chat_tmpl_path",), "no such file; give a Jinja chat template file",
+                                    str(chat_tmpl_path))
         template = tmpl_file.read_text(encoding="utf-8")
     elif (model / "chat_template.jinja").is_file():
         template = (model / "chat_template.jinja").read_text(encoding="utf-8")
@@ -119,8 +110,8 @@ def load_tokenizer_files(model_path: str | Path, chat_tmpl_path: str | Path | No
         if isinstance(template, list):  # named templates: the "default" one, as transformers does
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if not template:
-        raise ValueError(f"{model}: the tokenizer has no chat template; give one with chat_tmpl_path "
-                         "(a Jinja file), or add chat_template.jinja to the model directory")
+        raise ConfigError("", ("model_path",), "the tokenizer has no chat template; give one with chat_tmpl_path "
+                          "(a Jinja file), or add chat_template.jinja to the model directory", str(model_path))
     return TokenizerFiles(
         tokenizer_json=tok.tokenizer_json,
         chat_template=template,

@@ -59,13 +59,13 @@ class MicroBatch:
             inputs["attention_mask"] = self.attention_mask
         return inputs
 
-    def to(self, device, non_blocking: bool = False) -> "MicroBatch":
+    def to(self, device, non_blocking: bool = False) -> MicroBatch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
-    def pin_memory(self) -> "MicroBatch":  # called by DataLoader(pin_memory=True)
+    def pin_memory(self) -> MicroBatch:  # called by DataLoader(pin_memory=True)
         return self._map(lambda t: t.pin_memory())
 
-    def _map(self, fn) -> "MicroBatch":
+    def _map(self, fn) -> MicroBatch:
         return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
                                 if isinstance(getattr(self, f.name), torch.Tensor)})
 

@@ -10,8 +10,8 @@ steps are handed out, so `sampler.state_dict()` saved after a step resumes right
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import msgspec
 
+from ..errors import SampleError
+
 
 class Message(msgspec.Struct, frozen=True):
     role: str
@@ -24,22 +26,6 @@ class Conversation(msgspec.Struct, frozen=True):
                 d["reasoning_content"] = m.reasoning_content
             out.append(d)
         return out
-
-
-class SampleError(ValueError):
-    """Why one sample cannot be used; `kind` names the class of problem for reports."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-
-
-class InputError(ValueError):
-    """A bad input line. The message names the file and line, what is wrong and the fix."""
-
-    def __init__(self, path: str, line: int, reason: str):
-        super().__init__(f"{path}:{line}: {reason}")
-        self.path, self.line, self.reason = path, line, reason
 
 
 _decoder = msgspec.json.Decoder(Conversation)
@@ -71,9 +57,11 @@ def decode_line(raw: bytes) -> Conversation:
         raise SampleError("malformed_json", "JSON nested too deeply to decode (in the sample or one of its "
                           "extra keys); flatten or remove the deeply nested value") from None
     except msgspec.ValidationError as e:
-        raise SampleError("invalid_sample", f"invalid sample: {e} (expected {{\"messages\": [{{\"role\": str, \"content\": str}}, ...]}})") from None
+        raise SampleError("invalid_sample", f"invalid sample: {e} "
+                          '(expected {"messages": [{"role": str, "content": str}, ...]})') from None
     except msgspec.DecodeError as e:
         raise SampleError("malformed_json", f"malformed JSON: {e}") from None
     if not conv.messages:
-        raise SampleError("invalid_sample", "invalid sample: \"messages\" is empty; a sample needs at least one message")
+        raise SampleError("invalid_sample",
+                          'invalid sample: "messages" is empty; a sample needs at least one message')
     return conv

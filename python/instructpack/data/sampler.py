@@ -8,18 +8,38 @@ the settings, looks plan entries up in O(1), reports how good a plan is, and kee
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 
 from .. import kernels
+from ..errors import PlanError
 
 log = logging.getLogger(__name__)
 
 
-class PlanError(ValueError):
-    """Settings the planner cannot honour; the message names the setting and the fix."""
+def check_plan_settings(lengths: np.ndarray, *, effective_batch_size: int, max_batch_len: int,
+                        world_size: int) -> None:
+    """Raises PlanError, naming the setting and the fix, unless the planner can lay out
+    steps of `effective_batch_size` of these samples over `world_size` ranks with at most
+    `max_batch_len` tokens per micro-batch. Cheap (O(samples)): the launcher checks before
+    any worker starts, and every sampler again."""
+    n = len(lengths)
+    if n == 0:
+        raise PlanError("the dataset has no samples: check the preprocessing summary (every sample may have "
+                        "been dropped as too long or without trained tokens)")
+    if effective_batch_size < world_size:
+        raise PlanError(f"effective_batch_size ({effective_batch_size}) is smaller than the world size "
+                        f"({world_size}): every rank needs at least one sample per step; raise "
+                        f"effective_batch_size to at least {world_size} or use fewer processes")
+    if max_batch_len < 1:
+        raise PlanError(f"max_batch_len must be at least 1, got {max_batch_len}")
+    longest = int(np.argmax(lengths))
+    if lengths[longest] > max_batch_len:
+        raise PlanError(f"sample {longest} has {lengths[longest]} tokens, more than max_batch_len "
+                        f"({max_batch_len}): raise max_batch_len to at least {lengths[longest]}, or "
+                        f"preprocess with max_seq_len <= {max_batch_len} so longer samples are dropped")
 
 
 @dataclass(frozen=True)
@@ -144,25 +164,12 @@ class MultipackSampler:
         self._plans: dict[int, EpochPlan] = {}
 
     def _check_settings(self) -> None:
-        n = len(self.lengths)
-        if n == 0:
-            raise PlanError("the dataset has no samples: check the preprocessing summary (every sample may have "
-                            "been dropped as too long or without trained tokens)")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise PlanError(f"rank {self.rank} is not in a world of {self.world_size} processes")
-        if self.effective_batch_size < self.world_size:
-            raise PlanError(f"effective_batch_size ({self.effective_batch_size}) is smaller than the world size "
-                            f"({self.world_size}): every rank needs at least one sample per step; raise "
-                            f"effective_batch_size to at least {self.world_size} or use fewer processes")
-        if self.max_batch_len < 1:
-            raise PlanError(f"max_batch_len must be at least 1, got {self.max_batch_len}")
-        longest = int(np.argmax(self.lengths))
-        if self.lengths[longest] > self.max_batch_len:
-            raise PlanError(f"sample {longest} has {self.lengths[longest]} tokens, more than max_batch_len "
-                            f"({self.max_batch_len}): raise max_batch_len to at least {self.lengths[longest]}, or "
-                            f"preprocess with max_seq_len <= {self.max_batch_len} so longer samples are dropped")
-        if self.target_counts is not None and len(self.target_counts) != n:
-            raise PlanError(f"target_counts has {len(self.target_counts)} entries for {n} samples")
+        check_plan_settings(self.lengths, effective_batch_size=self.effective_batch_size,
+                            max_batch_len=self.max_batch_len, world_size=self.world_size)
+        if self.target_counts is not None and len(self.target_counts) != len(self.lengths):
+            raise PlanError(f"target_counts has {len(self.target_counts)} entries for {len(self.lengths)} samples")
 
     @property
     def steps_per_epoch(self) -> int:

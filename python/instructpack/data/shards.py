@@ -1,19 +1,16 @@
-"""The on-disk dataset: shard files plus manifest.json. Writing streams chunks into
-shards of bounded size; reading memory-maps them through the C++ reader."""
+"""The on-disk dataset: shard files plus manifest.json (manifest.py). Writing streams
+chunks into shards of bounded size; reading memory-maps them through the C++ reader."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .. import kernels
-from ..fileio import write_synced
+from ..errors import DatasetError
+from .manifest import FIX, MANIFEST, Manifest, ShardEntry, manifest_error, read_manifest
 
-FORMAT = "instructpack-shards"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 # Big enough that a shard is a few hundred MB, small enough to keep offsets and files easy to handle.
 DEFAULT_SHARD_TOKENS = 1 << 28
 
@@ -21,10 +18,6 @@ DEFAULT_SHARD_TOKENS = 1 << 28
 def token_dtype_for(vocab_size: int) -> np.dtype:
     """Token ids are stored as uint16 when every id fits, else uint32."""
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
-
-
-class DatasetError(ValueError):
-    """A dataset directory that cannot be used; the message names the file and the fix."""
 
 
 class ShardSequenceWriter:
@@ -35,7 +28,7 @@ class ShardSequenceWriter:
         self.directory = Path(directory)
         self.token_bytes = np.dtype(token_dtype).itemsize
         self.shard_tokens = shard_tokens
-        self.shards: list[dict] = []
+        self.shards: list[ShardEntry] = []
         self._writer = None
 
     def append(self, tokens, mask, lengths, trained, source_lines) -> None:
@@ -65,111 +58,31 @@ class ShardSequenceWriter:
         w = self._writer
         name = self._open_name()
         checksum = w.close()
-        self.shards.append({
-            "file": name,
-            "samples": w.num_samples,
-            "tokens": w.num_tokens,
-            "bytes": (self.directory / name).stat().st_size,
-            "checksum": f"{checksum:016x}",
-        })
+        self.shards.append(ShardEntry(file=name, samples=w.num_samples, tokens=w.num_tokens,
+                                      bytes=(self.directory / name).stat().st_size, checksum=f"{checksum:016x}"))
         self._writer = None
 
-    def close(self) -> list[dict]:
+    def close(self) -> list[ShardEntry]:
         if self._writer is not None:
             self._finish_shard()
         return self.shards
 
 
-def write_manifest(directory: Path, manifest: dict) -> None:
-    """Written last and fsync'd: a directory with a manifest is a complete dataset."""
-    write_synced(Path(directory) / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-
-
-def read_manifest(directory: str | Path) -> dict:
-    path = Path(directory) / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: not found; {directory} is not a preprocessed dataset (run "
-                           "instructpack-preprocess, or data_process.main, to make one)") from None
-    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a number past int's digit limit, deep nesting
-        raise DatasetError(f"{path}: corrupt manifest ({e}); re-run preprocessing with overwrite") from None
-    except OSError as e:
-        raise DatasetError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DatasetError(f"{path}: not an instructpack manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DatasetError(f"{path}: format version {manifest.get('format_version')}, this instructpack reads "
-                           f"{FORMAT_VERSION}; re-run preprocessing")
-    return manifest
-
-
-_FIX = "re-run preprocessing (with overwrite) to rebuild the dataset"
-
-
-def _manifest_error(manifest_path: Path, what: str) -> DatasetError:
-    return DatasetError(f"{manifest_path}: {what}; the manifest is damaged or was edited: {_FIX}")
-
-
-def _count(manifest_path: Path, where: str, value) -> int:
-    # bool is an int in Python, and "12" or 1.5 would only fail later, in arithmetic.
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _manifest_error(manifest_path, f"{where} is {value!r}, expected a non-negative integer")
-    return value
-
-
-def _shard_entries(manifest: dict, manifest_path: Path) -> list[dict]:
-    """The manifest's shard list, every field checked for type and every file name for
-    being a plain name, so that no manifest can make the reader open a file elsewhere."""
-    entries = manifest.get("shards")
-    if not isinstance(entries, list) or not entries:
-        raise _manifest_error(manifest_path, f'"shards" is {entries!r}, expected a non-empty list of shard entries')
-    seen = set()
-    for i, entry in enumerate(entries):
-        where = f"shards[{i}]"
-        if not isinstance(entry, dict):
-            raise _manifest_error(manifest_path, f"{where} is {entry!r}, expected an object")
-        missing = [k for k in ("file", "samples", "tokens", "bytes", "checksum") if k not in entry]
-        if missing:
-            raise _manifest_error(manifest_path, f"{where} lacks {', '.join(missing)}")
-        name = entry["file"]
-        if not isinstance(name, str) or name in ("", ".", "..") or "\0" in name or Path(name).name != name:
-            raise _manifest_error(manifest_path, f"{where}.file is {name!r}, expected the name of a file in "
-                                  f"{manifest_path.parent} (no directories)")
-        if name in seen:
-            raise _manifest_error(manifest_path, f"{where}.file {name!r} is listed twice")
-        seen.add(name)
-        for key in ("samples", "tokens", "bytes"):
-            _count(manifest_path, f"{where}.{key}", entry[key])
-        if not isinstance(entry["checksum"], str):
-            raise _manifest_error(manifest_path, f"{where}.checksum is {entry['checksum']!r}, expected a hex string")
-    return entries
-
-
-def _check_counts(manifest: dict, entries: list[dict], manifest_path: Path) -> None:
+def _check_counts(manifest: Manifest, manifest_path: Path) -> None:
     """The totals preprocessing reports (synthetic datasets have none) against the shards."""
-    counts = manifest.get("counts")
-    if counts is None:
+    if manifest.counts is None:
         return
     for key in ("samples", "tokens"):
-        total = sum(e[key] for e in entries)
-        value = counts.get(key) if isinstance(counts, dict) else None
-        if value != total or isinstance(value, bool):
-            raise _manifest_error(manifest_path, f"counts.{key} is {value!r}, the shards hold {total}")
-
-
-def _vocab_size(manifest: dict, manifest_path: Path) -> int:
-    tokenizer = manifest.get("tokenizer")
-    value = tokenizer.get("vocab_size") if isinstance(tokenizer, dict) else None
-    if _count(manifest_path, "tokenizer.vocab_size", value) == 0:
-        raise _manifest_error(manifest_path, "tokenizer.vocab_size is 0")
-    return value
+        total = sum(getattr(e, key) for e in manifest.shards)
+        value = getattr(manifest.counts, key)
+        if value != total:
+            raise manifest_error(manifest_path, f"counts.{key} is {value!r}, the shards hold {total}")
 
 
 def _shard_error(e: Exception) -> DatasetError:
     """The C++ reader's message names the shard and the problem; add the fix."""
     message = str(e)
-    return DatasetError(message if "re-run preprocessing" in message else f"{message}; {_FIX}")
+    return DatasetError(message if "re-run preprocessing" in message else f"{message}; {FIX}")
 
 
 class TokenDataset:
@@ -185,20 +98,20 @@ class TokenDataset:
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         manifest_path = self.path / MANIFEST
-        entries = _shard_entries(self.manifest, manifest_path)
-        self.vocab_size = _vocab_size(self.manifest, manifest_path)
+        entries = self.manifest.shards
+        self.vocab_size = self.manifest.tokenizer.vocab_size
         token_bytes = token_dtype_for(self.vocab_size).itemsize
         files = []
         for entry in entries:
-            f = self.path / entry["file"]
+            f = self.path / entry.file
             if not f.is_file():
-                raise DatasetError(f"{f}: shard listed in {MANIFEST} is missing; {_FIX}")
+                raise DatasetError(f"{f}: shard listed in {MANIFEST} is missing; {FIX}")
             if f.resolve().parent != self.path.resolve():  # a link out of the dataset, like "../x" in the manifest
                 raise DatasetError(f"{f}: a link to {f.resolve()}, outside the dataset; a dataset's shards are files "
-                                   f"inside its directory; {_FIX}")
-            if f.stat().st_size != entry["bytes"]:
-                raise DatasetError(f"{f}: {f.stat().st_size} bytes, the manifest says {entry['bytes']} "
-                                   f"(truncated or replaced); {_FIX}")
+                                   f"inside its directory; {FIX}")
+            if f.stat().st_size != entry.bytes:
+                raise DatasetError(f"{f}: {f.stat().st_size} bytes, the manifest says {entry.bytes} "
+                                   f"(truncated or replaced); {FIX}")
             files.append(str(f))
         try:
             self.shards = kernels.ShardSet(files)
@@ -206,25 +119,25 @@ class TokenDataset:
             raise _shard_error(e) from None
         for i, entry in enumerate(entries):
             shard = self.shards.shard(i)
-            if (shard.num_samples, shard.num_tokens) != (entry["samples"], entry["tokens"]):
+            if (shard.num_samples, shard.num_tokens) != (entry.samples, entry.tokens):
                 raise DatasetError(f"{shard.path}: holds {shard.num_samples} samples / {shard.num_tokens} tokens, "
-                                   f"the manifest says {entry['samples']} / {entry['tokens']}; {_FIX}")
+                                   f"the manifest says {entry.samples} / {entry.tokens}; {FIX}")
             if shard.token_bytes != token_bytes:
                 raise DatasetError(f"{shard.path}: {shard.token_bytes}-byte token ids, but a vocabulary of "
                                    f"{self.vocab_size} (tokenizer.vocab_size in {MANIFEST}) has {token_bytes}-byte "
-                                   f"ones; {_FIX}")
+                                   f"ones; {FIX}")
             _check_index(shard)
             if verify:
                 try:
                     shard.verify()
                 except kernels.ShardError as e:
                     raise _shard_error(e) from None
-                if f"{shard.checksum:016x}" != entry["checksum"]:
-                    raise DatasetError(f"{shard.path}: checksum differs from the manifest; {_FIX}")
-        _check_counts(self.manifest, entries, manifest_path)
+                if f"{shard.checksum:016x}" != entry.checksum:
+                    raise DatasetError(f"{shard.path}: checksum differs from the manifest; {FIX}")
+        _check_counts(self.manifest, manifest_path)
         views = [self.shards.shard(i) for i in range(len(entries))]
-        self._shard_files = [entry["file"] for entry in entries]
-        self._shard_begin = np.cumsum([0] + [entry["samples"] for entry in entries])
+        self._shard_files = [entry.file for entry in entries]
+        self._shard_begin = np.cumsum([0] + [entry.samples for entry in entries])
 
         def column(per_shard) -> np.ndarray:
             return np.concatenate([per_shard(v) for v in views]).astype(np.int64)
@@ -268,7 +181,7 @@ class TokenDataset:
             shard = self._shard_files[np.searchsorted(self._shard_begin, sample, side="right") - 1]
             raise DatasetError(f"{self.path / shard}: sample {sample} holds token id {input_ids[t]}, outside the "
                                f"vocabulary of {self.vocab_size} ids; the shard is corrupt (load_dataset(path, "
-                               f"verify=True) checks every shard); {_FIX}")
+                               f"verify=True) checks every shard); {FIX}")
         return out
 
     def verify(self) -> None:
@@ -287,11 +200,11 @@ def _check_index(shard) -> None:
     if bad.any():
         i = int(bad.argmax())
         raise DatasetError(f"{shard.path}: corrupt shard index at sample {i} (offset {shard.offsets[i]}, length "
-                           f"{shard.lengths[i]}, trained {shard.trained[i]}); {_FIX}")
+                           f"{shard.lengths[i]}, trained {shard.trained[i]}); {FIX}")
     total = int(ends[-1]) if len(ends) else 0
     if total != shard.num_tokens:
         raise DatasetError(f"{shard.path}: corrupt shard index (sample lengths add up to {total} tokens, the "
-                           f"header says {shard.num_tokens}); {_FIX}")
+                           f"header says {shard.num_tokens}); {FIX}")
 
 
 def _first_token_trained(shard) -> np.ndarray:

@@ -6,15 +6,13 @@ The output is written next to `out` and renamed into place, like preprocessing o
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from .shards import FORMAT, FORMAT_VERSION, ShardSequenceWriter, TokenDataset, load_dataset, token_dtype_for, \
-    write_manifest
+from ..fileio import directory_written_aside
+from .manifest import Manifest, SyntheticInfo, TokenizerInfo, write_manifest
+from .shards import ShardSequenceWriter, TokenDataset, load_dataset, token_dtype_for
 
 
 def write_synthetic_dataset(out: str | Path, lengths: np.ndarray, vocab_size: int, *, seed: int = 0,
@@ -40,19 +38,10 @@ def write_synthetic_dataset(out: str | Path, lengths: np.ndarray, vocab_size: in
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     trained_counts = np.add.reduceat(mask.astype(np.int64), starts)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with directory_written_aside(out) as tmp:
         writer = ShardSequenceWriter(tmp, dtype)
         writer.append(tokens, mask, lengths.astype(np.uint32), trained_counts.astype(np.uint32),
                       np.arange(1, len(lengths) + 1))
-        write_manifest(tmp, {"format": FORMAT, "format_version": FORMAT_VERSION, "shards": writer.close(),
-                             "tokenizer": {"vocab_size": vocab_size}, "synthetic": {"seed": seed, "trained": trained}})
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_manifest(tmp, Manifest(shards=writer.close(), tokenizer=TokenizerInfo(vocab_size=vocab_size),
+                                     synthetic=SyntheticInfo(seed=seed, trained=trained)))
     return load_dataset(out)

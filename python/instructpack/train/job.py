@@ -1,30 +1,109 @@
-"""What the launcher hands each worker: one JSON file, written and read with msgspec."""
+"""Everything the launcher (launch/, the user's process) and its workers (under torchrun) say
+to each other: files, each a typed document, and the names they go by. The launcher
+writes the job and may write a stop request; a worker writes how it failed, and rank 0 how
+a requested stop ended. No torch here.
+
+- `ckpt_output_dir/job.json` (JobConfig): what to train; torchrun runs
+  `python -m instructpack.train.worker job.json`.
+- In the job's private status directory:
+  - `STOP`: the launcher got SIGTERM or SIGUSR1 and asks every worker to stop after the
+    current step; its text says what the launcher received.
+  - `rank<N>.json` (FailureRecord): rank N raised; the launcher reports the first one.
+  - `stopped.json` (StopRecord): the run stopped on request, after which step, with its
+    full state where.
+"""
 
 from __future__ import annotations
 
 import signal
+import time
+import traceback
 from pathlib import Path
 
 import msgspec
 
 from ..config import TrainingArgs
+from ..fileio import replace_file
 
+JOB_FILE = "job.json"
+STOP_FILE = "STOP"
+STOPPED_FILE = "stopped.json"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # ask a run to save its state and stop
-STOP_FILE = "STOP"  # the launcher's stop request to its workers
-STOPPED_FILE = "stopped.json"  # rank 0, after a stop request: step, reason, checkpoint
 
 
 class JobConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     training_args: TrainingArgs
     dataset_path: str  # the preprocessed (or mock) dataset the workers read
-    status_dir: str  # launcher <-> workers: rank<N>.json (a failure), STOP (a stop request), stopped.json
+    status_dir: str  # the launcher's private directory for STOP, rank<N>.json and stopped.json
     progress_bar: bool = False  # the launcher's console is a terminal
 
 
+class FailureRecord(msgspec.Struct, kw_only=True):
+    rank: int
+    time: float  # when it failed (time.time()): the earliest is the first failure
+    error: str  # "Type: message"
+    traceback: str
+
+
+class StopRecord(msgspec.Struct, kw_only=True):
+    step: int  # the last optimizer step done
+    reason: str  # e.g. "SIGTERM to the launcher", "SIGUSR1 to rank 1"
+    checkpoint: str | None  # the full state saved at that step
+
+
 def write_job(path: Path, job: JobConfig) -> Path:
-    path.write_bytes(msgspec.json.format(msgspec.json.encode(job)))
+    replace_file(path, msgspec.json.format(msgspec.json.encode(job)))
     return path
 
 
 def read_job(path: str | Path) -> JobConfig:
     return msgspec.json.decode(Path(path).read_bytes(), type=JobConfig)
+
+
+def write_failure(status_dir: str | Path, rank: int, exc: BaseException) -> None:
+    record = FailureRecord(rank=rank, time=time.time(), error=f"{type(exc).__name__}: {exc}",
+                           traceback="".join(traceback.format_exception(exc)))
+    try:
+        replace_file(Path(status_dir) / f"rank{rank}.json", msgspec.json.encode(record))
+    except OSError:
+        pass  # the traceback still reaches the log through stderr
+
+
+def read_failures(status_dir: str | Path) -> dict[int, FailureRecord]:
+    """The failures ranks recorded, by rank; unreadable records are left out."""
+    records = {}
+    for path in Path(status_dir).glob("rank*.json"):
+        try:
+            record = msgspec.json.decode(path.read_bytes(), type=FailureRecord)
+        except (OSError, msgspec.DecodeError):
+            continue
+        records[record.rank] = record
+    return records
+
+
+def write_stopped(status_dir: str | Path, record: StopRecord) -> None:
+    replace_file(Path(status_dir) / STOPPED_FILE, msgspec.json.encode(record))
+
+
+def read_stopped(status_dir: str | Path) -> StopRecord | None:
+    path = Path(status_dir) / STOPPED_FILE
+    if not path.is_file():
+        return None
+    return msgspec.json.decode(path.read_bytes(), type=StopRecord)
+
+
+def stop_file(status_dir: str | Path) -> Path:
+    return Path(status_dir) / STOP_FILE
+
+
+def request_stop(status_dir: str | Path, reason: str) -> None:
+    """The launcher's stop request; workers see it after their current step."""
+    replace_file(stop_file(status_dir), f"{reason}\n".encode())
+
+
+def stop_requested(status_dir: str | Path) -> str | None:
+    """The reason of the launcher's stop request, if it made one."""
+    try:
+        return stop_file(status_dir).read_text().strip() or "a stop request"
+    except FileNotFoundError:
+        return None

@@ -16,21 +16,25 @@ from ..data.loader import Step, StepLoader
 from ..data.sampler import MultipackSampler
 from ..data.shards import TokenDataset
 from .backends import Backend, build_backend
-from .checkpoint import DEEPSPEED_FORMAT, CheckpointSchedule, checkpoint_dir, save_hf_checkpoint
+from .checkpoints.full_state import resume, save_full_state
+from .checkpoints.hf import save_hf_checkpoint
+from .checkpoints.identity import Progress, run_fingerprint
+from .checkpoints.native import save_native_checkpoint
+from .checkpoints.schedule import DEEPSPEED_FORMAT, CheckpointSchedule, checkpoint_dir
 from .distributed import World, all_reduce
-from .metrics import MetricsLogger, ProgressBar, peak_memory_mib, reset_peak_memory
+from .metrics import MetricsLogger, ProgressBar, StepRecord, peak_memory_mib, reset_peak_memory
 from .optim import build_scheduler
+from .precision import Precision
 from .preemption import StopRequest
-from .state import Progress, resume, run_fingerprint, save_full_state
 from .step import StepResult, run_step
 
 log = logging.getLogger(__name__)
 
 
 def step_record(step: Step, result: StepResult, world: World, global_step: int, samples_before: int,
-                start: float) -> dict:
-    """The metrics of one step over all ranks (RECORD_FIELDS), with a check that the plan's
-    loss denominator is what the micro-batches really held."""
+                start: float) -> StepRecord:
+    """The metrics of one step over all ranks, with a check that the plan's loss
+    denominator is what the micro-batches really held."""
     loss_sum, targets, tokens, samples = all_reduce(
         [result.loss_sum, result.targets, result.tokens, result.samples], world)
     (peak_mib,) = all_reduce([peak_memory_mib(world.device)], world, op="max")
@@ -39,14 +43,12 @@ def step_record(step: Step, result: StepResult, world: World, global_step: int, 
                            f"the micro-batches held {int(targets)}; the dataset's trained-token counts do not "
                            "match its masks (re-run preprocessing)")
     seconds = result.seconds
-    return {
-        "epoch": step.epoch, "step": global_step, "loss": loss_sum / max(targets, 1), "lr": result.lr,
-        "grad_norm": result.grad_norm, "samples": int(samples), "total_samples": samples_before + int(samples),
-        "tokens": int(tokens), "trained_tokens": int(targets), "tokens_per_s": tokens / seconds,
-        "trained_tokens_per_s": targets / seconds, "samples_per_s": samples / seconds, "step_time_s": seconds,
-        "micro_batches": result.micro_batches, "peak_memory_mib": peak_mib,
-        "elapsed_s": time.perf_counter() - start,
-    }
+    return StepRecord(
+        epoch=step.epoch, step=global_step, loss=loss_sum / max(targets, 1), lr=result.lr,
+        grad_norm=result.grad_norm, samples=int(samples), total_samples=samples_before + int(samples),
+        tokens=int(tokens), trained_tokens=int(targets), tokens_per_s=tokens / seconds,
+        trained_tokens_per_s=targets / seconds, samples_per_s=samples / seconds, step_time_s=seconds,
+        micro_batches=result.micro_batches, peak_memory_mib=peak_mib, elapsed_s=time.perf_counter() - start)
 
 
 def training_sampler(args: TrainingArgs, world: World, dataset: TokenDataset) -> MultipackSampler:
@@ -65,14 +67,15 @@ class TrainResult:
 
 
 def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, dataset: TokenDataset,
-          *, progress_bar: bool = False, stop: StopRequest | None = None) -> TrainResult:
+          *, progress_bar: bool = False, stop: StopRequest | None = None,
+          precision: Precision | None = None) -> TrainResult:
     """Runs every epoch, or what is left of them after the newest full-state checkpoint."""
     stop = stop or StopRequest()
     sampler = training_sampler(args, world, dataset)
     loader = StepLoader(dataset, sampler, pin_memory=world.device.type == "cuda")
     total_steps = sampler.steps_per_epoch * args.num_epochs
     most_micro_batches = int(sampler.plan(sampler.epoch).micro_batches_per_step.max())
-    backend = build_backend(model, args, world, micro_batches=most_micro_batches)
+    backend = build_backend(model, args, world, micro_batches=most_micro_batches, precision=precision)
     scheduler = build_scheduler(backend.optimizer, args, total_steps)
     fingerprint = run_fingerprint(args, dataset.manifest, world.world_size)
     progress, resumed_from = resume(args.ckpt_output_dir, backend, scheduler, sampler, fingerprint, world)
@@ -96,22 +99,23 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
                 reset_peak_memory(world.device)
                 step_result = run_step(backend, step, scheduler, device=world.device)
                 record = step_record(step, step_result, world, progress.step + 1, progress.samples, start)
-                progress = Progress(step=record["step"], samples=record["total_samples"],
-                                    tokens=progress.tokens + record["tokens"], elapsed_s=record["elapsed_s"])
+                progress = Progress(step=record.step, samples=record.total_samples,
+                                    tokens=progress.tokens + record.tokens, elapsed_s=record.elapsed_s)
                 if metrics is not None:
                     metrics.log(record)
                 bar.update(record)
                 if world.is_main and not progress_bar:  # a log file gets one line per step instead
                     log.info("step %d/%d epoch %d: loss %.4f, lr %.3g, grad norm %.3g, %.0f tokens/s",
-                             progress.step, total_steps, step.epoch, record["loss"], record["lr"],
-                             record["grad_norm"], record["tokens_per_s"])
+                             progress.step, total_steps, step.epoch, record.loss, record.lr, record.grad_norm,
+                             record.tokens_per_s)
                 epoch_end, last_step = step.step == sampler.steps_per_epoch - 1, progress.step == total_steps
                 if checkpoints.due(progress.step, epoch_end, last_step):
                     save_hf_checkpoint(backend, tokenizer, checkpoint_dir(
                         args.ckpt_output_dir, progress.samples, args.keep_last_checkpoint_only), world, args.lora)
                 if native_checkpoints is not None and native_checkpoints.due(progress.step, epoch_end, last_step):
-                    backend.save_state(checkpoint_dir(
-                        args.ckpt_output_dir, progress.samples, args.keep_last_checkpoint_only, DEEPSPEED_FORMAT))
+                    save_native_checkpoint(backend, checkpoint_dir(
+                        args.ckpt_output_dir, progress.samples, args.keep_last_checkpoint_only, DEEPSPEED_FORMAT),
+                        world)
                 stopping = stop.agreed(world) and not last_step  # at the last step, the run is done anyway
                 if stopping or full_states.due(progress.step, epoch_end, last_step):
                     saved = save_full_state(args.ckpt_output_dir, backend, scheduler, sampler, progress,

@@ -7,54 +7,55 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import os
 import resource
 import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..config import TrainingArgs
+from ..errors import MetricsFileError, MissingSinkError, PathNotFoundError
+from ..fileio import replace_file
 
 __all__ = [
-    "METRICS_FILENAME", "RECORD_FIELDS", "MetricsFileError", "MetricsLogger", "MissingSinkError",
-    "ProgressBar", "metrics_file", "peak_memory_mib", "read_metrics",
+    "METRICS_FILENAME", "RECORD_FIELDS", "MetricsLogger", "ProgressBar", "StepRecord", "metrics_file",
+    "peak_memory_mib", "read_metrics",
 ]
 
 METRICS_FILENAME = "metrics.jsonl"
 
-# The fields of one record, in order; one record per optimizer step, written by rank 0.
-# "All ranks" values are summed over every process; "per rank" ones are what one process did.
-RECORD_FIELDS = (
-    "epoch",                 # 0-based epoch index (int)
-    "step",                  # global optimizer step, 1-based (int)
-    "loss",                  # mean loss per trained (unmasked) token over the whole step (float)
-    "lr",                    # learning rate used for this step (float)
-    "grad_norm",             # total gradient L2 norm before clipping (float)
-    "samples",               # samples in this step, all ranks (int)
-    "total_samples",         # samples seen since training started, this step included (int)
-    "tokens",                # tokens in this step, all ranks (int)
-    "trained_tokens",        # tokens that carry loss in this step, all ranks (int)
-    "tokens_per_s",          # tokens / step_time_s (float, tokens per second)
-    "trained_tokens_per_s",  # trained_tokens / step_time_s (float, tokens per second)
-    "samples_per_s",         # samples / step_time_s (float, samples per second)
-    "step_time_s",           # wall time of this step (float, seconds)
-    "micro_batches",         # forward/backward passes per rank in this step (int)
-    "peak_memory_mib",       # peak memory, max over ranks (float, MiB = 2**20 bytes)
-    "elapsed_s",             # wall time since training started (float, seconds)
-)
+
+class StepRecord(msgspec.Struct, kw_only=True):
+    """One optimizer step, one line of metrics.jsonl, written by rank 0. "All ranks" values
+    are summed over every process; "per rank" ones are what one process did."""
+    epoch: int  # 0-based epoch index
+    step: int  # global optimizer step, 1-based
+    loss: float  # mean loss per trained (unmasked) token over the whole step
+    lr: float  # learning rate used for this step
+    grad_norm: float  # total gradient L2 norm before clipping
+    samples: int  # samples in this step, all ranks
+    total_samples: int  # samples seen since training started, this step included
+    tokens: int  # tokens in this step, all ranks
+    trained_tokens: int  # tokens that carry loss in this step, all ranks
+    tokens_per_s: float  # tokens / step_time_s
+    trained_tokens_per_s: float  # trained_tokens / step_time_s
+    samples_per_s: float  # samples / step_time_s
+    step_time_s: float  # wall time of this step, seconds
+    micro_batches: int  # forward/backward passes per rank in this step
+    peak_memory_mib: float  # peak memory, max over ranks (MiB = 2**20 bytes)
+    elapsed_s: float  # wall time since training started, seconds
+
+
+RECORD_FIELDS = StepRecord.__struct_fields__  # the fields of a record, in file order
+
+
+def _as_dict(record: StepRecord | dict) -> dict:
+    return msgspec.structs.asdict(record) if isinstance(record, msgspec.Struct) else record
 
 _TAG_PREFIX = "train/"
-
-
-class MissingSinkError(ImportError):
-    """A metrics sink named in `training_args.logger_type` needs a package that is not installed."""
-
-
-class MetricsFileError(ValueError):
-    """metrics.jsonl has a line that is not a JSON object."""
 
 
 def metrics_file(path: str | Path) -> Path:
@@ -69,7 +70,7 @@ def read_metrics(path: str | Path) -> list[dict]:
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FileNotFoundError(f"{file}: no metrics file here (training writes {METRICS_FILENAME} "
+        raise PathNotFoundError("", (), f"{file}: no metrics file here (training writes {METRICS_FILENAME} "
                                 "into ckpt_output_dir)") from None
     lines = text.split("\n")
     records = []
@@ -184,9 +185,7 @@ def _keep_steps_up_to(file: Path, last_step: int) -> None:
         if isinstance(step, int) and step > last_step:
             break
         kept.append(line + b"\n")
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_bytes(b"".join(kept))
-    os.replace(tmp, file)
+    replace_file(file, b"".join(kept))
 
 
 class MetricsLogger:
@@ -220,10 +219,11 @@ class MetricsLogger:
             self.close()
             raise
 
-    def log(self, record: dict) -> None:
-        """Appends `record` (the RECORD_FIELDS) as one line, flushed, and forwards its numbers."""
+    def log(self, record: StepRecord | dict) -> None:
+        """Appends `record` as one line, flushed, and forwards its numbers."""
         if self._closed:
             raise ValueError(f"MetricsLogger for {self.path} is closed")
+        record = _as_dict(record)
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()  # a crash later still leaves every logged line complete
         if self._sinks:
@@ -269,8 +269,9 @@ class ProgressBar:
         self._redirect = logging_redirect_tqdm() if enabled else contextlib.nullcontext()
         self._redirect.__enter__()
 
-    def update(self, record: dict) -> None:
+    def update(self, record: StepRecord | dict) -> None:
         """Advances one step; `record` is the step's metrics record."""
+        record = _as_dict(record)
         postfix = {}
         if record.get("loss") is not None:
             postfix["loss"] = f"{record['loss']:.4g}"  # "nan"/"inf" show as such

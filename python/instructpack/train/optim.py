@@ -1,4 +1,5 @@
-"""AdamW and the learning-rate schedule: linear warmup, then constant, cosine or linear decay."""
+"""AdamW, gradient clipping and the learning-rate schedule: linear warmup, then constant,
+cosine or linear decay."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 import torch
 
 from ..config import TrainingArgs
+
+MAX_GRAD_NORM = 1.0  # every step clips the whole model's gradient norm to this (as InstructLab does)
 
 
 def build_optimizer(model: torch.nn.Module, args: TrainingArgs) -> torch.optim.AdamW:

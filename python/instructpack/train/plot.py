@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import MetricsFileError, MissingPackageError
 from .metrics import metrics_file, read_metrics
 
 __all__ = ["plot_metrics"]
@@ -17,7 +18,7 @@ def _import_matplotlib():
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
-        raise ImportError(f"plotting metrics needs matplotlib ({exc}); pip install matplotlib "
+        raise MissingPackageError(f"plotting metrics needs matplotlib ({exc}); pip install matplotlib "
                           "(or pip install 'instructpack[plot]')") from exc
     return Figure, FigureCanvasAgg
 
@@ -29,7 +30,7 @@ def _last_record_per_step(records: list[dict], file: Path) -> list[dict]:
     for number, record in enumerate(records, start=1):
         step = record.get("step")
         if not isinstance(step, int) or isinstance(step, bool):
-            raise ValueError(f"{file}: record {number} has no integer 'step' field: {record}")
+            raise MetricsFileError(f"{file}: record {number} has no integer 'step' field: {record}")
         by_step[step] = record
     return [by_step[s] for s in sorted(by_step)]
 
@@ -65,7 +66,7 @@ def plot_metrics(ckpt_output_dir: str | Path, output: str | Path | None = None) 
     file = metrics_file(ckpt_output_dir)
     records = _last_record_per_step(read_metrics(file), file)
     if not records:
-        raise ValueError(f"{file}: no metrics records yet (the file is empty)")
+        raise MetricsFileError(f"{file}: no metrics records yet (the file is empty)")
     output = Path(output) if output is not None else file.parent / "metrics.png"
 
     # Figure + Agg canvas, not pyplot: no global backend or figure state for other users.

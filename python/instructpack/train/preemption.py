@@ -12,16 +12,19 @@ import signal
 from pathlib import Path
 
 from .distributed import World, all_reduce
-from .job import STOP_SIGNALS
+from .job import STOP_SIGNALS, stop_requested
 
 
 class StopRequest:
-    def __init__(self, stop_file: str | Path | None = None):
-        self.stop_file = Path(stop_file) if stop_file is not None else None
+    """`status_dir`: the job's status directory, where the launcher's stop request appears
+    (job.request_stop); None: signals only."""
+
+    def __init__(self, status_dir: str | Path | None = None):
+        self.status_dir = status_dir
         self.signal: signal.Signals | None = None
         self._reason: str | None = None
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         """Catch the stop signals in this process (the main thread, before training)."""
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
@@ -33,7 +36,10 @@ class StopRequest:
 
     def requested(self) -> bool:
         """This process was asked to stop."""
-        return self.signal is not None or (self.stop_file is not None and self.stop_file.exists())
+        return self.signal is not None or self._launcher_request() is not None
+
+    def _launcher_request(self) -> str | None:
+        return stop_requested(self.status_dir) if self.status_dir is not None else None
 
     def agreed(self, world: World) -> bool:
         """Some rank was asked to stop (a collective: every rank calls it after each step).
@@ -45,8 +51,7 @@ class StopRequest:
         if code > 1:
             self._reason = f"{signal.Signals(code).name} to rank {rank}"
         elif code == 1:
-            text = self.stop_file.read_text().strip() if self.stop_file is not None and self.stop_file.exists() else ""
-            self._reason = text or "a stop request"  # the launcher writes what it received
+            self._reason = self._launcher_request() or "a stop request"  # the launcher writes what it received
         return code > 0
 
     def reason(self) -> str:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from ..data.collate import IGNORE_INDEX, MicroBatch
 from ..data.loader import Step
 from .backends import Backend
-from .model import hf_model
+from .model.layers import hf_model
+from .optim import MAX_GRAD_NORM
 
 
 @dataclass
@@ -86,7 +87,7 @@ def stand_in(mb: MicroBatch, device: torch.device) -> MicroBatch:
 
 
 def run_step(backend: Backend, step: Step, scheduler: torch.optim.lr_scheduler.LRScheduler | None, *,
-             device: torch.device, max_grad_norm: float = 1.0) -> StepResult:
+             device: torch.device, max_grad_norm: float = MAX_GRAD_NORM) -> StepResult:
     """Forward and backward over the step's micro-batches, then clip and update.
 
     Every backend averages gradients over ranks, while the step loss is already normalised

@@ -10,14 +10,10 @@ state saved; rank 0 then writes `stopped.json` there and every rank exits with s
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import os
 import random
 import sys
-import time
-import traceback
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,9 +21,10 @@ import torch
 from ..config import DistributedBackend
 from ..data.shards import load_dataset
 from .distributed import World, init_distributed, shutdown
-from .job import STOP_FILE, STOPPED_FILE, JobConfig, read_job
+from .job import JobConfig, StopRecord, read_job, write_failure, write_stopped
 from .loop import TrainResult, train
-from .model import load_model, load_tokenizer
+from .model.load import load_model, load_tokenizer
+from .precision import decide_precision
 from .preemption import StopRequest
 
 log = logging.getLogger("instructpack.train")
@@ -52,29 +49,18 @@ def run(job: JobConfig, world: World, stop: StopRequest | None = None) -> TrainR
     hf_logging.disable_progress_bar()  # its per-save "Writing model shards" bars clutter the log
     args = job.training_args
     seed_everything(args.random_seed)
+    precision = decide_precision(args, world.device)
     dataset = load_dataset(job.dataset_path)
     tokenizer = load_tokenizer(args)
-    vocab = dataset.manifest.get("tokenizer", {}).get("vocab_size")
+    vocab = dataset.manifest.tokenizer.vocab_size
     # FSDP2 over several processes: rank 0 reads the weights and sends each rank its shards
     # (backends.FSDPBackend); the others build the model on the meta device, so a machine
     # holds one copy of the model in memory rather than one per process.
     on_meta = args.distributed_backend == DistributedBackend.FSDP and world.distributed and not world.is_main
-    model = load_model(args, world.device, vocab_size=max(vocab or 0, len(tokenizer)), weights=not on_meta)
-    return train(args, world, model, tokenizer, dataset, progress_bar=job.progress_bar, stop=stop)
-
-
-def write_failure(status_dir: str, rank: int, exc: BaseException) -> None:
-    record = {"rank": rank, "time": time.time(), "error": f"{type(exc).__name__}: {exc}",
-              "traceback": "".join(traceback.format_exception(exc))}
-    try:
-        (Path(status_dir) / f"rank{rank}.json").write_text(json.dumps(record))
-    except OSError:
-        pass  # the traceback still reaches the log through stderr
-
-
-def write_stopped(status_dir: str, result: TrainResult) -> None:
-    record = {"step": result.progress.step, "reason": result.stopped_by, "checkpoint": str(result.checkpoint)}
-    (Path(status_dir) / STOPPED_FILE).write_text(json.dumps(record))
+    model = load_model(args, world.device, vocab_size=max(vocab, len(tokenizer)), weights=not on_meta,
+                       precision=precision)
+    return train(args, world, model, tokenizer, dataset, progress_bar=job.progress_bar, stop=stop,
+                 precision=precision)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,14 +68,15 @@ def main(argv: list[str] | None = None) -> int:
     job = read_job(argv[0])
     rank = int(os.environ.get("RANK", 0))
     setup_logging(job.training_args.log_level, rank)
-    stop = StopRequest(Path(job.status_dir) / STOP_FILE).install()  # first: a signal may come at any time
+    stop = StopRequest(job.status_dir).install()  # first: a signal may come at any time
     try:
         world = init_distributed()
         if world.device.type == "cpu":  # what DeepSpeed would pick, without its warning that it guessed
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         result = run(job, world, stop)
         if result.stopped_by is not None and world.is_main:
-            write_stopped(job.status_dir, result)
+            write_stopped(job.status_dir, StopRecord(step=result.progress.step, reason=result.stopped_by,
+                                                     checkpoint=str(result.checkpoint)))
         # The model, its DDP reducer and their pending gloo work must go before the process
         # group: destroyed after it, in the exit of the interpreter, gloo's destructor waits
         # for a thread that waits for the GIL the destructor holds.

@@ -1,0 +1,247 @@
+"""The preprocessing pipeline: messages JSONL -> chat template -> tokens -> trained masks ->
+token shards. `data_process.main` (the InstructLab entry point) and the
+`instructpack-preprocess` command call `preprocess`. Nothing here imports torch.
+
+The pipeline streams: the input is read in chunks, workers (processes) render, tokenize
+and mask each chunk, and the results are appended to shards in input order, so memory
+does not grow with the input. Output goes to a temporary directory next to the target and
+is renamed into place at the end: an interrupted run never leaves a dataset that looks whole.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import DataProcessArgs
+from ..errors import DatasetError, InputError, InstructPackError, PathExistsError, PathNotFoundError, WriteError
+from ..fileio import directory_written_aside, remove_stale_temporaries
+from . import encode
+from .chat import load_tokenizer_files
+from .manifest import (
+    FORMAT_VERSION,
+    ChatTemplateInfo,
+    Counts,
+    LengthStats,
+    Manifest,
+    Settings,
+    SourceInfo,
+    TokenizerInfo,
+    read_manifest,
+    write_manifest,
+)
+from .shards import ShardSequenceWriter, token_dtype_for
+
+CHUNK_LINES = 256
+CHUNK_BYTES = 1 << 20
+MAX_REPORTED_INVALID = 20
+
+
+@dataclass
+class PreprocessResult:
+    output_path: Path
+    manifest: Manifest
+    reused: bool = False
+    invalid_examples: list = field(default_factory=list)
+
+    def summary(self) -> str:
+        return format_summary(self.manifest, self.output_path, self.reused)
+
+
+def preprocess(args: DataProcessArgs, progress: bool | None = None, shard_tokens: int | None = None
+               ) -> PreprocessResult:
+    """Preprocesses `args.data_path` into `args.data_output_path`; reuses a matching output."""
+    start = time.perf_counter()
+    data_path = Path(args.data_path)
+    if not data_path.is_file():
+        raise PathNotFoundError("", ("data_path",), "no such file; give a messages-format JSONL file", args.data_path)
+    files = load_tokenizer_files(args.model_path, args.chat_tmpl_path)
+    out = Path(args.data_output_path)
+    fingerprint, input_sha = _fingerprint(args, data_path, files)
+
+    existing = _existing_manifest(out)
+    if existing is not None and existing.fingerprint == fingerprint and not args.overwrite:
+        return PreprocessResult(out, existing, reused=True)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+    try:
+        with directory_written_aside(out) as tmp:
+            manifest, invalid_examples = _process(args, data_path, input_sha, files, tmp, progress, shard_tokens)
+            manifest.fingerprint = fingerprint
+            manifest.elapsed_s = round(time.perf_counter() - start, 3)
+            write_manifest(tmp, manifest)
+    except OSError as e:
+        if isinstance(e, InstructPackError):
+            raise
+        raise WriteError(f"could not write the dataset {out}: {e}; nothing was put in its place. Free space on "
+                         "that disk or choose another data_output_path") from e
+    return PreprocessResult(out, manifest, invalid_examples=invalid_examples)
+
+
+def _fingerprint(args: DataProcessArgs, data_path: Path, files) -> tuple[str, str]:
+    with open(data_path, "rb") as f:
+        input_sha = hashlib.file_digest(f, "sha256").hexdigest()
+    h = hashlib.sha256()
+    for part in (FORMAT_VERSION, input_sha, files.fingerprint, files.template_fingerprint, args.max_seq_len,
+                 args.min_seq_len, args.skip_invalid_lines):
+        h.update(f"{part}\0".encode())
+    return h.hexdigest()[:24], input_sha
+
+
+def _existing_manifest(out: Path) -> Manifest | None:
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise PathExistsError("", ("data_output_path",), "is a file; give a directory path", str(out))
+    try:
+        return read_manifest(out)
+    except DatasetError:
+        if any(out.iterdir()):
+            raise PathExistsError("", ("data_output_path",), "exists and is not an instructpack dataset; choose "
+                                  "another path or remove it", str(out)) from None
+        return None
+
+
+def _read_chunks(f, first_line: int = 1):
+    """Yields (first line number, [raw lines]) chunks of bounded size."""
+    lines, size, start = [], 0, first_line
+    for raw in f:
+        lines.append(raw)
+        size += len(raw)
+        if len(lines) >= CHUNK_LINES or size >= CHUNK_BYTES:
+            yield start, lines
+            start += len(lines)
+            lines, size = [], 0
+    if lines:
+        yield start, lines
+
+
+def _worker_count(requested: int) -> int:
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:
+        available = os.cpu_count() or 1
+    return max(1, min(requested, available))
+
+
+def _encoded_chunks(args: DataProcessArgs, files, f, workers: int):
+    """Encoded chunks in input order; with several workers, at most a few chunks are in
+    flight, so memory stays bounded whatever the input size."""
+    # Built here, before any fork: workers inherit the loaded tokenizer and template code.
+    encoder = encode.ChunkEncoder(files, args.max_seq_len, args.min_seq_len)
+    if workers == 1:
+        for first, lines in _read_chunks(f):
+            yield encoder.encode(first, lines)
+        return
+    # fork: no re-import of the caller's __main__ (scripts without a main guard work).
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    ctx = multiprocessing.get_context(method)
+    with ctx.Pool(workers, initializer=encode.init_worker, initargs=(encoder,)) as pool:
+        pending: collections.deque = collections.deque()
+        for first, lines in _read_chunks(f):
+            pending.append(pool.apply_async(encode.encode_in_worker, (first, lines)))
+            if len(pending) >= 2 * workers + 2:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _process(args: DataProcessArgs, data_path: Path, input_sha: str, files, tmp: Path, progress: bool | None,
+             shard_tokens: int | None) -> tuple[Manifest, list]:
+    token_dtype = token_dtype_for(files.vocab_size)
+    writer = ShardSequenceWriter(tmp, token_dtype, **({"shard_tokens": shard_tokens} if shard_tokens else {}))
+    dropped = collections.Counter()
+    invalid_reasons = collections.Counter()
+    invalid_examples: list = []
+    lengths_seen: list[np.ndarray] = []
+    lines = tokens = trained_tokens = 0
+    bar = _progress_bar(progress)
+    with open(data_path, "rb") as f:
+        for chunk in _encoded_chunks(args, files, f, _worker_count(args.num_cpu_procs)):
+            for line, kind, reason in chunk.invalid:
+                if not args.skip_invalid_lines:
+                    raise InputError(str(data_path), line, reason + _SKIP_HINT)
+                invalid_reasons[kind] += 1
+                if len(invalid_examples) < MAX_REPORTED_INVALID:
+                    invalid_examples.append(f"{data_path}:{line}: {reason}")
+            writer.append(chunk.tokens, chunk.mask, chunk.lengths, chunk.trained, chunk.source_lines)
+            dropped.update(chunk.dropped)
+            lengths_seen.append(chunk.lengths)
+            lines += chunk.lines
+            tokens += int(chunk.lengths.sum())
+            trained_tokens += int(chunk.trained.sum())
+            if bar is not None:
+                bar.update(chunk.lines)
+    if bar is not None:
+        bar.close()
+    shards = writer.close()
+    lengths = np.concatenate(lengths_seen) if lengths_seen else np.zeros(0, np.uint32)
+    samples = int(sum(s.samples for s in shards))
+    if samples == 0:
+        raise InputError(str(data_path), None, f"no sample was kept (dropped: {dict(dropped) or 'none'}, invalid "
+                         f"lines: {sum(invalid_reasons.values())}); check max_seq_len and that samples have assistant "
+                         "turns")
+    manifest = Manifest(
+        source=SourceInfo(path=str(data_path.resolve()), lines=lines, sha256=input_sha),
+        tokenizer=TokenizerInfo(path=str(Path(args.model_path).resolve()), fingerprint=files.fingerprint,
+                                vocab_size=files.vocab_size, token_dtype=token_dtype.name),
+        chat_template=ChatTemplateInfo(path=args.chat_tmpl_path, fingerprint=files.template_fingerprint),
+        settings=Settings(max_seq_len=args.max_seq_len, min_seq_len=args.min_seq_len,
+                          skip_invalid_lines=args.skip_invalid_lines),
+        counts=Counts(samples=samples, tokens=tokens, trained_tokens=trained_tokens,
+                      dropped={r: dropped.get(r, 0) for r in encode.DROP_REASONS},
+                      invalid_lines=sum(invalid_reasons.values()), invalid_reasons=dict(invalid_reasons)),
+        lengths=_length_stats(lengths),
+        shards=shards,
+    )
+    return manifest, invalid_examples
+
+
+_SKIP_HINT = " (fix the line, or set skip_invalid_lines / --skip-invalid-lines to skip bad lines and report them)"
+
+
+def _length_stats(lengths: np.ndarray) -> LengthStats:
+    q = np.percentile(lengths, [50, 90, 99])
+    return LengthStats(min=int(lengths.min()), mean=round(float(lengths.mean()), 1), p50=int(q[0]), p90=int(q[1]),
+                       p99=int(q[2]), max=int(lengths.max()))
+
+
+def _progress_bar(progress: bool | None):
+    if progress is None:
+        progress = sys.stderr.isatty()
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(desc="preprocessing", unit=" lines", file=sys.stderr)
+
+
+def format_summary(manifest: Manifest, output_path: Path, reused: bool = False) -> str:
+    c = manifest.counts
+    d = c.dropped
+    lines = [
+        f"{'reused' if reused else 'wrote'} {output_path} ({len(manifest.shards)} shard(s))",
+        f"  samples kept     {c.samples:>12,}",
+        f"  dropped          {sum(d.values()):>12,}  " + ", ".join(f"{k}: {v:,}" for k, v in d.items()),
+        f"  invalid lines    {c.invalid_lines:>12,}"
+        + ("  " + ", ".join(f"{k}: {v:,}" for k, v in c.invalid_reasons.items()) if c.invalid_reasons else ""),
+        f"  tokens           {c.tokens:>12,}",
+        f"  trained tokens   {c.trained_tokens:>12,}  ({c.trained_tokens / max(1, c.tokens):.1%})",
+    ]
+    if manifest.lengths is not None:
+        s = manifest.lengths
+        lines.append(f"  length           min {s.min}, p50 {s.p50}, p90 {s.p90}, p99 {s.p99}, max {s.max}, "
+                     f"mean {s.mean}")
+    if manifest.elapsed_s is not None and not reused:
+        secs = manifest.elapsed_s
+        lines.append(f"  time             {secs:.2f} s ({c.tokens / max(secs, 1e-9):,.0f} tokens/s)")
+    return "\n".join(lines)

@@ -1,0 +1,70 @@
+"""The dataset the workers read: preprocessed now from data_path (or reused), given as it
+is in data_output_dir (process_data=False), or random tokens (mock_data). Checked here, in
+the launcher, so that bad data fails before any worker starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..config import DataProcessArgs, TrainingArgs
+from ..data.manifest import MANIFEST
+from ..data.sampler import check_plan_settings
+from ..data.shards import load_dataset
+from ..data.synthetic import write_synthetic_dataset
+from ..data.tokenizer_check import check_dataset_matches_model
+from ..data_process import main as preprocess_main
+from ..errors import ConfigError
+
+MOCK_STEPS = 8  # mock_data: this many steps of effective_batch_size samples per epoch
+
+
+def prepare_dataset(args: TrainingArgs, world_size: int = 1) -> Path:
+    """The directory of the dataset to train, checked against the model and the planner."""
+    # Every byte of a dataset that was on the disk before is checked against the manifest's
+    # checksums (a damaged shard fails before launch, naming the file), and a dataset given
+    # as it is, against the model's tokenizer. What preprocessing writes or reuses now was
+    # made with this tokenizer and template (they are part of its reuse fingerprint), and
+    # what it has just written was checksummed as it was written.
+    just_written = False
+    if args.mock_data:
+        path = _mock_dataset(args)
+    elif args.process_data:
+        result = preprocess_main(DataProcessArgs(
+            data_path=args.data_path, data_output_path=args.data_output_dir, model_path=args.model_path,
+            chat_tmpl_path=args.chat_tmpl_path, max_seq_len=args.max_seq_len,
+            num_cpu_procs=args.data_process_num_cpu_procs))
+        print(result.summary(), flush=True)
+        path, just_written = result.output_path, not result.reused
+    else:
+        path = Path(args.data_output_dir)
+    dataset = load_dataset(path, verify=not just_written)  # DatasetError names the file and the fix
+    if not args.process_data or args.mock_data:
+        check_dataset_matches_model(path, args.model_path, args.chat_tmpl_path)
+    # Planning settings are checked now (a sample longer than max_batch_len...) rather than
+    # in every worker after the model has loaded.
+    check_plan_settings(dataset.lengths, effective_batch_size=args.effective_batch_size,
+                        max_batch_len=args.max_batch_len, world_size=world_size)
+    return path
+
+
+def _mock_dataset(args: TrainingArgs) -> Path:
+    vocab = _model_vocab_size(args.model_path)
+    length = args.mock_data_len or args.max_seq_len
+    n = MOCK_STEPS * args.effective_batch_size
+    path = Path(args.data_output_dir) / f"mock-{n}x{length}-vocab{vocab}-seed{args.random_seed}"
+    if not (path / MANIFEST).is_file():
+        write_synthetic_dataset(path, np.full(n, length), vocab, seed=args.random_seed)
+    return path
+
+
+def _model_vocab_size(model_path: str) -> int:
+    """The embedding rows of the model (config.json; multimodal configs nest it in text_config)."""
+    config = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    vocab = config.get("vocab_size", (config.get("text_config") or {}).get("vocab_size"))
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab < 1:
+        raise ConfigError("training_args", ("model_path",), f"{model_path}/config.json has no vocab_size, which "
+                          "mock_data needs to draw token ids", model_path)
+    return vocab

@@ -1,0 +1,84 @@
+"""The model and tokenizer a run trains: loaded once per process, set up for packed rows."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+
+from ...config import DistributedBackend, TrainingArgs
+from ..precision import Precision, decide_precision
+from . import attention, lora
+from .layers import enable_activation_checkpointing
+
+log = logging.getLogger(__name__)
+
+
+def choose_attention(device: torch.device, disable_flash_attn: bool) -> str:
+    """flash_attention_2 (varlen kernels, packed rows natively) on CUDA when the package is
+    installed and not disabled; else per-sample SDPA (see attention.py)."""
+    if device.type == "cuda" and not disable_flash_attn and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return attention.NAME
+
+
+def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None = None, *,
+               weights: bool = True, precision: Precision | None = None) -> torch.nn.Module:
+    """`from_pretrained` in the training dtype and attention, without a KV cache (a cache
+    disables transformers' packed-row detection), with gradient checkpointing if asked,
+    and LoRA adapters (over 4-bit base weights for QLoRA) when `args.lora` is set. On
+    `device`, except under FSDP2, which moves it there once sharded.
+    `vocab_size`: the tokenizer's; embeddings grow to cover it when the model's are smaller.
+    `weights=False`: the same model on the meta device, without reading the weights (FSDP2
+    ranks other than 0, which receive their shards from rank 0).
+    Weights load from safetensors only: a directory with only pickled weights
+    (pytorch_model.bin) raises OSError instead of unpickling them (unpickling can run code).
+    A model's own modelling code (config.json "auto_map") runs only with args.trust_remote_code.
+    `precision`: the run's (default: decided from args and the device, as the worker does)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    precision = precision or decide_precision(args, device)
+    impl = choose_attention(device, args.disable_flash_attn)
+    quantization = lora.quantization_config(args.lora, precision.compute)
+    placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
+    if weights:
+        model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=precision.weights,
+                                                     attn_implementation=impl, use_safetensors=True,
+                                                     trust_remote_code=args.trust_remote_code, **placement)
+    else:
+        config = AutoConfig.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=precision.weights, attn_implementation=impl,
+                                                     trust_remote_code=args.trust_remote_code)
+    model.config.use_cache = False
+    embeddings = model.get_input_embeddings().num_embeddings
+    if vocab_size is not None and vocab_size > embeddings:
+        log.warning("the tokenizer has %d tokens and the model's embeddings %d rows: growing the embeddings "
+                    "(to a multiple of 8)", vocab_size, embeddings)
+        # On the meta device there are no rows to average: rank 0's resized rows arrive later.
+        model.resize_token_embeddings(vocab_size, pad_to_multiple_of=8, mean_resizing=weights)
+    if args.gradient_checkpointing and args.lora is None:  # apply_lora turns it on after preparing the model
+        enable_activation_checkpointing(model)
+    log.info("model %s: %.1fM parameters, %s, attention %s, gradient checkpointing %s", args.model_path,
+             sum(p.numel() for p in model.parameters()) / 1e6, precision.weights, impl,
+             "on" if args.gradient_checkpointing else "off")
+    if args.lora is not None:
+        model = lora.apply_lora(model, args.lora, gradient_checkpointing=args.gradient_checkpointing)
+    # A quantized model is already placed (and refuses .to()). FSDP2 places the model
+    # itself after sharding, so a GPU only ever receives this process's shards.
+    if not quantization and args.distributed_backend != DistributedBackend.FSDP:
+        model = model.to(device)
+    return model.train()
+
+
+def load_tokenizer(args: TrainingArgs):
+    """The model's tokenizer; a chat_tmpl_path template replaces its own, so the saved
+    checkpoint renders conversations exactly as the training data was rendered."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
+    if args.chat_tmpl_path:
+        tokenizer.chat_template = Path(args.chat_tmpl_path).read_text(encoding="utf-8")
+    return tokenizer

@@ -1,0 +1,229 @@
+"""The "sdpa_packed" attention implementation against transformers' own "sdpa": a packed
+row [1, T] (position ids restarting at 0 at each sample, no attention mask, use_cache=False)
+must give the logits of "sdpa" on the same row, each sample the logits it gets alone, and
+the same parameter gradients as the per-sample runs summed; padded batches fall back to
+"sdpa"; and the two helpers, sample_bounds and _sliding_causal_mask, against hand-written
+expectations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from instructpack.train.model import attention
+from instructpack.train.model.attention import NAME, _sliding_causal_mask, sample_bounds
+
+VOCAB = 300
+WINDOW = 8  # Mistral's sliding window: some samples below it, one equal, some well above
+LENGTHS = [13, 5, 1, 8, 20, 3]
+ATOL = 1e-5
+GRAD_RTOL = 1e-4
+
+
+def _config(kind: str):
+    from transformers import GraniteConfig, LlamaConfig, MistralConfig, Qwen3Config
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    if kind == "llama":
+        return LlamaConfig(**common)
+    if kind == "qwen3":
+        return Qwen3Config(head_dim=16, **common)
+    if kind == "mistral":
+        return MistralConfig(sliding_window=WINDOW, **common)
+    if kind == "granite":
+        # Non-default multipliers, so Granite's attention scaling really differs from 1/sqrt(d).
+        return GraniteConfig(attention_multiplier=0.2, embedding_multiplier=3.0, residual_multiplier=0.5,
+                             logits_scaling=2.0, **common)
+    raise AssertionError(kind)
+
+
+def _models(kind: str):
+    """The same weights under "sdpa_packed" and under "sdpa"."""
+    from transformers import AutoModelForCausalLM
+
+    # A config object each: from_config stores the attention implementation on it.
+    torch.manual_seed(0)
+    packed = AutoModelForCausalLM.from_config(_config(kind), attn_implementation=NAME, dtype=torch.float32).eval()
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(_config(kind), attn_implementation="sdpa", dtype=torch.float32).eval()
+    ref.load_state_dict(packed.state_dict())
+    assert packed.config._attn_implementation == NAME
+    assert ref.config._attn_implementation == "sdpa"
+    if kind == "mistral":
+        assert packed.config.sliding_window == WINDOW
+    return packed, ref
+
+
+def _packed_row(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, VOCAB, (1, sum(lengths)), generator=g)
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).view(1, -1)
+    bounds = [0]
+    for n in lengths:
+        bounds.append(bounds[-1] + n)
+    return input_ids, position_ids, bounds
+
+
+def _no_fallback(monkeypatch):
+    """Makes the fallback to transformers' sdpa fail, so a packed row provably runs per sample."""
+    def boom(*a, **k):
+        raise AssertionError("packed row fell back to transformers' sdpa")
+    monkeypatch.setattr(attention, "sdpa_attention_forward", boom)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral", "granite"])
+def test_packed_row_matches_sdpa_and_each_sample_alone(kind, monkeypatch):
+    packed, ref = _models(kind)
+    input_ids, position_ids, bounds = _packed_row(LENGTHS)
+    weights = torch.randn(1, input_ids.shape[1], VOCAB, generator=torch.Generator().manual_seed(2))
+
+    # sdpa_packed on the packed row: logits and gradients of a fixed scalar loss.
+    with monkeypatch.context() as m:
+        _no_fallback(m)
+        out = packed(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        (out * weights).sum().backward()
+    packed_logits = out.detach()
+    packed_grads = {n: p.grad.clone() for n, p in packed.named_parameters()}
+
+    # transformers' sdpa on the same packed row (it builds a block-diagonal mask itself).
+    with torch.no_grad():
+        sdpa_logits = ref(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    torch.testing.assert_close(packed_logits, sdpa_logits, atol=ATOL, rtol=0)
+
+    # Each sample alone through sdpa, no packing; gradients summed over the samples.
+    ref.zero_grad()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        alone = ref(input_ids=input_ids[:, a:b], use_cache=False).logits
+        (alone * weights[:, a:b]).sum().backward()
+        torch.testing.assert_close(packed_logits[:, a:b], alone.detach(), atol=ATOL, rtol=0,
+                                   msg=lambda s, a=a, b=b: f"sample [{a}, {b}): {s}")
+    for name, p in ref.named_parameters():
+        scale = p.grad.abs().max().item()
+        torch.testing.assert_close(packed_grads[name], p.grad, rtol=GRAD_RTOL, atol=GRAD_RTOL * scale * 1e-2,
+                                   msg=lambda s, name=name: f"{name}: {s}")
+        assert scale > 0, name  # every parameter takes part, so the comparison is not vacuous
+
+
+def test_packing_is_observable():
+    """Control: on this row, letting samples see each other (one causal sequence) changes the
+    logits well beyond the tolerance, so the tests above would catch cross-sample leakage."""
+    _, ref = _models("llama")
+    input_ids, position_ids, bounds = _packed_row(LENGTHS)
+    with torch.no_grad():
+        isolated = ref(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        leaky = ref(input_ids=input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids),
+                    use_cache=False).logits
+    a, b = bounds[1], bounds[2]
+    assert (isolated[:, a:b] - leaky[:, a:b]).abs().max() > 1e-3
+
+
+def test_mistral_window_is_observable():
+    """Control: for a sample longer than the window, full causal attention differs from the
+    sliding window, so the Mistral case above checks the banded mask."""
+    from transformers import AutoModelForCausalLM
+
+    _, ref = _models("mistral")
+    cfg = _config("mistral")
+    cfg.sliding_window = None
+    no_window = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32).eval()
+    no_window.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        diff = (ref(input_ids=ids, use_cache=False).logits - no_window(input_ids=ids, use_cache=False).logits).abs()
+    assert diff[:, :WINDOW].max() < ATOL  # identical while the window covers everything
+    assert diff[:, WINDOW:].max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_padded_batch_falls_back_to_sdpa(kind, monkeypatch):
+    packed, ref = _models(kind)
+    lengths = [17, 6]
+    T = max(lengths)
+    g = torch.Generator().manual_seed(4)
+    input_ids = torch.randint(1, VOCAB, (2, T), generator=g)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        input_ids[i, n:] = 0  # right padding
+
+    calls = []
+    original = attention.sdpa_attention_forward
+
+    def spy(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    monkeypatch.setattr(attention, "sdpa_attention_forward", spy)
+    with torch.no_grad():
+        got = packed(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    assert len(calls) == packed.config.num_hidden_layers  # every layer took the fallback
+    with torch.no_grad():
+        want = ref(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(got[i, :n], want[i, :n], atol=ATOL, rtol=0)
+        with torch.no_grad():
+            alone = ref(input_ids=input_ids[i:i + 1, :n], use_cache=False).logits[0]
+        torch.testing.assert_close(got[i, :n], alone, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("positions, expected", [
+    ([0, 1, 2, 3, 4], [0, 5]),                      # a single sample
+    ([0], [0, 1]),                                   # a single one-token sample
+    ([0, 0, 0], [0, 1, 2, 3]),                       # samples of length 1
+    ([0, 1, 0, 0, 1, 2, 0], [0, 2, 3, 6, 7]),        # mixed, ending with a one-token sample
+    ([3, 4, 0, 1, 2], [0, 2, 5]),                    # first position not 0: 0 is prepended
+    ([5, 6, 7], [0, 3]),                             # no 0 at all: one sample
+])
+def test_sample_bounds(positions, expected):
+    assert sample_bounds(torch.tensor([positions])) == expected
+
+
+@pytest.mark.parametrize("length, window", [(1, 1), (5, 1), (6, 3), (10, 4), (4, 4), (3, 8)])
+def test_sliding_causal_mask(length, window):
+    expected = [[j <= i and i - j < window for j in range(length)] for i in range(length)]
+    got = _sliding_causal_mask(length, window, torch.device("cpu"))
+    assert got.dtype == torch.bool and got.shape == (length, length)
+    assert got.tolist() == expected
+
+
+def test_sliding_causal_mask_hand_written():
+    # Window 2: each query sees itself and the one before it.
+    assert _sliding_causal_mask(4, 2, torch.device("cpu")).int().tolist() == [
+        [1, 0, 0, 0],
+        [1, 1, 0, 0],
+        [0, 1, 1, 0],
+        [0, 0, 1, 1],
+    ]
+
+
+# --- Everything that is not one unpadded row without a cache goes to transformers' sdpa ---
+
+def test_unpacked_batch_without_mask_keeps_sliding_window():
+    packed, ref = _models("mistral")
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        got = packed(input_ids=ids, use_cache=False).logits
+        want = ref(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_packed_batch_of_two_rows_matches_sdpa():
+    packed, ref = _models("llama")
+    lengths = [12, 8]
+    ids = torch.randint(0, VOCAB, (2, sum(lengths)), generator=torch.Generator().manual_seed(6))
+    pos = torch.cat([torch.arange(n) for n in lengths]).view(1, -1).repeat(2, 1)
+    with torch.no_grad():
+        got = packed(input_ids=ids, position_ids=pos, use_cache=False).logits
+        want = ref(input_ids=ids, position_ids=pos, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_decode_step_with_cache_matches_full_forward():
+    packed, ref = _models("llama")
+    ids = torch.randint(0, VOCAB, (1, 10), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = ref(input_ids=ids, use_cache=False).logits[0, -1]
+        prefill = packed(input_ids=ids[:, :-1], use_cache=True)
+        got = packed(input_ids=ids[:, -1:], cache=prefill.cache, use_cache=True).logits[0, -1]
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
