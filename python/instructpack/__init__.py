@@ -22,9 +22,11 @@ from .config import (
 )
 from .data.shards import TokenDataset, load_dataset
 from .errors import (
+    ChatTemplateError,
     CheckpointError,
     ConfigError,
     DatasetError,
+    DirectoryInUseError,
     InputError,
     InstructPackError,
     MetricsFileError,
@@ -44,11 +46,13 @@ from .errors import (
 from .launch import run_training
 
 __all__ = [
+    "ChatTemplateError",
     "CheckpointError",
     "ConfigError",
     "DataProcessArgs",
     "DatasetError",
     "DeepSpeedOptions",
+    "DirectoryInUseError",
     "DistributedBackend",
     "FSDPOptions",
     "InputError",

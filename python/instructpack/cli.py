@@ -5,6 +5,8 @@ training run); anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 
 
@@ -44,6 +46,26 @@ def _run_preprocess(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _console_command(run):
+    """Ctrl-C and a closed pipe (`... | head`) end a command quietly, with the usual exit
+    codes (130, 141), instead of a traceback."""
+    @functools.wraps(run)
+    def command(argv: list[str] | None = None) -> int:
+        try:
+            code = run(argv)
+            sys.stdout.flush()  # a closed pipe shows here, while it can still be handled
+            return code
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:
+            # Python would flush stdout again at exit and print its own error: point it at nothing.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+    return command
+
+
+@_console_command
 def preprocess_main(argv: list[str] | None = None) -> int:
     """`instructpack-preprocess`: JSONL -> token shards. Does not import torch."""
     parser = _preprocess_parser(argparse.ArgumentParser(prog="instructpack-preprocess", description=__doc__))
@@ -95,11 +117,10 @@ def _run_train(ns: argparse.Namespace) -> int:
     except InstructPackError as e:
         print(f"instructpack train: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, TrainingError) else 2
-    except KeyboardInterrupt:
-        return 130
     return 0
 
 
+@_console_command
 def main(argv: list[str] | None = None) -> int:
     """`instructpack <command>`."""
     parser = argparse.ArgumentParser(prog="instructpack")

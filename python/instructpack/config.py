@@ -124,6 +124,19 @@ class _Config(msgspec.Struct, metaclass=_Meta, kw_only=True, forbid_unknown_fiel
             setattr(self, name, new)
         self._check()
 
+    def validate(self) -> None:
+        """Checks the object as it is now, nested objects included: these objects are
+        mutable (clients set fields after building them), and `run_training` calls this so
+        that a field changed since construction gets the same ConfigError."""
+        for name, _, _, _ in _field_plan(type(self)):
+            value = getattr(self, name)
+            if isinstance(value, _Config):
+                try:
+                    value.validate()
+                except ConfigError as exc:
+                    raise exc.nested(self._root, name) from None
+        self.__post_init__()
+
     def _check(self) -> None:
         pass
 
@@ -260,8 +273,9 @@ class TrainingArgs(_Config, kw_only=True):
     data_path: str
     ckpt_output_dir: str
     data_output_dir: str
-    """The model (Hugging Face repo id or local directory), the training data (messages-format
-    JSONL), where checkpoints go, and where the processed (tokenized, masked) data goes."""
+    """The model (a local Hugging Face model directory), the training data (messages-format
+    JSONL), where checkpoints go, and where the processed (tokenized, masked) data goes: a
+    directory of its own, apart from ckpt_output_dir (other files in it are left alone)."""
     chat_tmpl_path: str | None = None
     use_legacy_tmpl: bool = False
     """A chat template file to render conversations with; None uses the tokenizer's own.
@@ -293,10 +307,13 @@ class TrainingArgs(_Config, kw_only=True):
     end; keep_last_checkpoint_only overwrites one "last_epoch" directory."""
     accelerate_full_state_at_epoch: bool = True
     full_state_every_steps: int = 0
+    full_state_keep_last: int = 2
     """Save the full training state (weights, optimizer, schedule, data position, random
     generators) at each epoch end and every full_state_every_steps optimizer steps (<= 0:
     off), into ckpt_output_dir/full_state; a run started again resumes from the newest one
-    exactly. A stop signal (SIGTERM, SIGUSR1) also saves it. Only the newest is kept."""
+    that verifies, exactly. A stop signal (SIGTERM, SIGUSR1) also saves it. The newest
+    full_state_keep_last are kept (>= 1): with 2, a damaged newest one falls back to the one
+    before it. Not in InstructLab."""
 
     distributed_backend: DistributedBackend = DistributedBackend.FSDP
     fsdp_options: FSDPOptions = msgspec.field(default_factory=FSDPOptions)
@@ -320,6 +337,9 @@ class TrainingArgs(_Config, kw_only=True):
     mock_data: bool = False
     mock_data_len: int = 0
     """Train on random tokens instead of data_path, for debugging; sample length (0: max_seq_len)."""
+    allow_longer_samples: bool = False
+    """With process_data=False, train a dataset's samples longer than max_seq_len instead of
+    refusing the dataset (they must still fit max_batch_len). Not in InstructLab."""
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     logger_type: str = "async"
@@ -355,6 +375,7 @@ class TrainingArgs(_Config, kw_only=True):
         self._need(_positive(self.adamw_eps), "adamw_eps", "must be a finite number > 0")
         self._need(self.random_seed >= 0, "random_seed", "must be >= 0")
         self._need(self.mock_data_len >= 0, "mock_data_len", "must be >= 0")
+        self._need(self.full_state_keep_last >= 1, "full_state_keep_last", "must be >= 1")
         self._need(self.data_process_num_cpu_procs >= 1, "data_process_num_cpu_procs",
                    "must be >= 1")
         sinks = [s.strip() for s in self.logger_type.split(",")]

@@ -14,8 +14,9 @@ from typing import Any
 
 __all__ = [
     "InstructPackError", "ConfigError", "PathNotFoundError", "PathExistsError", "InputError", "SampleError",
-    "TemplateError", "UnsafeTemplateError", "DatasetError", "PlanError", "WriteError", "CheckpointError", "ResumeError",
-    "MissingPackageError", "MissingSinkError", "MetricsFileError", "TrainingError", "TrainingStopped",
+    "TemplateError", "ChatTemplateError", "UnsafeTemplateError", "DatasetError", "PlanError", "WriteError",
+    "DirectoryInUseError", "CheckpointError", "ResumeError", "MissingPackageError", "MissingSinkError",
+    "MetricsFileError", "TrainingError", "TrainingStopped",
 ]
 
 _NO_VALUE = object()
@@ -86,6 +87,11 @@ class TemplateError(SampleError):
         super().__init__("chat_template", message)
 
 
+class ChatTemplateError(InstructPackError, ValueError):
+    """The chat template itself is broken (a syntax error, a bug that fails on any
+    conversation): names the template and its line. Fatal for the whole dataset."""
+
+
 class UnsafeTemplateError(InstructPackError, ValueError):
     """The chat template itself tried to escape its sandbox (read attributes it may not, call
     what it may not). Fatal for the whole dataset, whatever skip_invalid_lines says."""
@@ -107,6 +113,16 @@ class PlanError(InstructPackError, ValueError):
 class WriteError(InstructPackError, OSError):
     """Output could not be written (a full disk, no permission); nothing incomplete is left
     where it would look whole, and what was there before is intact."""
+
+
+class DirectoryInUseError(InstructPackError, OSError):
+    """Another process works in this directory (another run, another preprocessing); names it."""
+
+    def __init__(self, directory, holder: str, waited_s: float = 0.0):
+        self.directory, self.holder = directory, holder
+        waited = f" (after waiting {waited_s:.0f} s)" if waited_s else ""
+        super().__init__(f"{directory} is in use by {holder}{waited}: wait for it to end or stop it, or use "
+                         "another directory")
 
 
 class CheckpointError(WriteError):

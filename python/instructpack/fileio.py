@@ -14,6 +14,12 @@ from pathlib import Path
 _TMP = ".tmp-"  # in the names of what is written aside: .<target>.tmp-<pid>-<random>
 
 
+def lies_inside(path: Path, directory: Path) -> bool:
+    """`path` is `directory` or somewhere below it (links resolved)."""
+    path, directory = Path(path).resolve(), Path(directory).resolve()
+    return path == directory or directory in path.parents
+
+
 def write_synced(path: Path, text: str) -> None:
     """Writes `text` to `path` and waits until it is on the disk."""
     with open(path, "w", encoding="utf-8") as f:

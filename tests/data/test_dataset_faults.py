@@ -36,8 +36,15 @@ def pristine(tmp_path_factory, tokenizer_dirs):
 
 @pytest.fixture
 def ds(pristine, tmp_path):
-    """A fresh copy to damage."""
-    return shutil.copytree(pristine, tmp_path / "ds")
+    """A fresh copy to damage, its shards renamed shard-00000.bin, shard-00001.bin, ... (any
+    plain file name the manifest lists is read) so that the tests can name them."""
+    ds = shutil.copytree(pristine, tmp_path / "ds")
+    manifest = json.loads((ds / "manifest.json").read_text())
+    for i, entry in enumerate(manifest["shards"]):
+        (ds / entry["file"]).rename(ds / f"shard-{i:05d}.bin")
+        entry["file"] = f"shard-{i:05d}.bin"
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    return ds
 
 
 def _header(path) -> dict:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from instructpack import TorchrunArgs, TrainingArgs, TrainingError, run_training
 from instructpack.demo.example import build_tiny_model, generate_fact_conversations, write_jsonl
 from instructpack.errors import ResumeError
-from instructpack.train.checkpoints.identity import complete_checkpoints, latest_checkpoint
+from instructpack.train.checkpoints.resumable import complete_checkpoints, latest_checkpoint
 from instructpack.train.metrics import read_metrics
 
 from support.faults import inject
@@ -142,10 +142,14 @@ def test_a_changed_setting_or_dataset_is_refused_before_launch(workspace, tmp_pa
     assert not (out / "training.log").exists()
 
     other = write_jsonl(tmp_path / "other.jsonl", generate_fact_conversations(SAMPLES, seed=1))
-    with pytest.raises(ResumeError, match="dataset: the checkpoint has"):
+    # Refused before preprocessing writes anything, and named in words, not by hashes.
+    with pytest.raises(ResumeError, match=rf"it trained .*, made from .*facts.jsonl \(sha256 \w+\): {SAMPLES} samples, "
+                                          rf".*; data_path {other} is not the file it was made from.*Nothing was "
+                                          r"written"):
         run_training(TorchrunArgs(nproc_per_node=2), training_args(
             workspace, "unused", ckpt_output_dir=str(out), distributed_backend="ddp", data_path=str(other),
             data_output_dir=str(tmp_path / "other-processed")))
+    assert not (tmp_path / "other-processed").exists()
 
 
 def _rank_pid(job: Path, rank: int) -> int | None:

@@ -19,7 +19,8 @@ LAUNCH = textwrap.dedent("""
     import instructpack.launch.run as launcher
     from instructpack import TorchrunArgs, TrainingArgs, run_training
 
-    launcher.torchrun_command = lambda torchrun_args, job: [sys.executable, "-c", "pass"]  # the workers' stand-in
+    # The workers' stand-in: a command that does nothing and succeeds.
+    launcher.torchrun_command = lambda torchrun_args, job, status: [sys.executable, "-c", "pass"]
     run_training(TorchrunArgs(nproc_per_node=2), TrainingArgs(**json.loads(sys.argv[1])))
     # transformers itself is allowed: preprocessing renders through its light chat-template module.
     print(json.dumps(sorted(m for m in ("torch", "peft", "deepspeed", "bitsandbytes") if m in sys.modules)))

@@ -25,14 +25,8 @@ from instructpack.errors import CheckpointError, ResumeError
 from instructpack.train.backends import Backend
 from instructpack.train.checkpoints import full_state as state_module
 from instructpack.train.checkpoints.full_state import resume, save_full_state
-from instructpack.train.checkpoints.identity import (
-    COMPLETE,
-    Progress,
-    check_fingerprint,
-    complete_checkpoints,
-    latest_checkpoint,
-    run_fingerprint,
-)
+from instructpack.train.checkpoints.identity import COMPLETE, Progress, check_fingerprint, run_fingerprint
+from instructpack.train.checkpoints.resumable import complete_checkpoints, latest_checkpoint, record_of
 from instructpack.train.distributed import World
 from instructpack.train.optim import build_optimizer, build_scheduler
 
@@ -65,10 +59,10 @@ class Run:
         self.scheduler.step()
         self.sampler.advance(self.sampler.epoch, self.sampler.step)
 
-    def save(self, out: Path, step: int, fingerprint=None) -> Path:
+    def save(self, out: Path, step: int, fingerprint=None, keep_last: int = 2) -> Path:
         progress = Progress(step, step * 8, step * 300, 1.5)
         return save_full_state(out, self.backend, self.scheduler, self.sampler, progress,
-                               fingerprint or {"run": "a"}, WORLD)
+                               fingerprint or {"run": "a"}, WORLD, keep_last=keep_last)
 
 
 def test_everything_saved_comes_back(tmp_path):
@@ -117,17 +111,20 @@ def test_no_checkpoint_is_a_fresh_start(tmp_path):
     assert resume(tmp_path, run.backend, run.scheduler, run.sampler, {"run": "a"}, WORLD) == (fresh, None)
 
 
-def test_only_the_newest_complete_checkpoint_is_kept_and_incomplete_ones_are_ignored(tmp_path):
+def test_only_the_newest_complete_checkpoints_are_kept_and_incomplete_ones_are_ignored(tmp_path):
     run = Run(seed=0)
+    saved = []
+    for step in (1, 2, 3):
+        run.step()
+        saved.append(run.save(tmp_path, step))  # full_state_keep_last=2, the default
+    assert complete_checkpoints(tmp_path) == saved[1:] and not saved[0].exists()
     run.step()
-    first = run.save(tmp_path, 1)
-    run.step()
-    second = run.save(tmp_path, 2)
-    assert complete_checkpoints(tmp_path) == [second] and not first.exists()
+    second = run.save(tmp_path, 4, keep_last=1)
+    assert complete_checkpoints(tmp_path) == [second]
     # A crash between the rename and the mark: the directory is there, unmarked.
     (second / COMPLETE).unlink()
     assert latest_checkpoint(tmp_path) is None
-    (tmp_path / "full_state" / ".step_3.tmp").mkdir()  # a crash while writing
+    (tmp_path / "full_state" / ".step_5.tmp").mkdir()  # a crash while writing
     run.step()
     third = run.save(tmp_path, 3)
     assert sorted(p.name for p in (tmp_path / "full_state").iterdir()) == ["step_3"]  # both leftovers cleared
@@ -213,10 +210,15 @@ def test_a_checkpoint_file_cannot_run_code(tmp_path, victim):
     saved = run.save(tmp_path, 1)
     with open(saved / victim, "wb") as f:
         pickle.dump({"torch": Payload()}, f)
+    _rerecord_checksums(saved)  # an attacker who rewrites the checksums too: loading itself must refuse
     fresh = Run(seed=1)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         resume(tmp_path, fresh.backend, fresh.scheduler, fresh.sampler, {"run": "a"}, WORLD)
     assert not MARKER.exists()
+
+
+def _rerecord_checksums(checkpoint: Path) -> None:
+    (checkpoint / COMPLETE).write_text(json.dumps({"step": 1, "files": record_of(checkpoint, skip={COMPLETE})}))
 
 
 def test_a_damaged_trainer_state_is_named(tmp_path):
@@ -224,7 +226,10 @@ def test_a_damaged_trainer_state_is_named(tmp_path):
     run.step()
     saved = run.save(tmp_path, 1)
     (saved / "trainer_state.json").write_text('{"format": "instructpack-full-st')
-    with pytest.raises(ResumeError, match=r"trainer_state.json: unreadable .* delete .*step_1"):
+    with pytest.raises(ResumeError, match=r"step_1 is damaged: trainer_state.json holds .* bytes"):
+        resume(tmp_path, run.backend, run.scheduler, run.sampler, {"run": "a"}, WORLD)
+    _rerecord_checksums(saved)  # unreadable even so
+    with pytest.raises(ResumeError, match=r"trainer_state.json: unreadable .*no earlier complete full state is kept"):
         resume(tmp_path, run.backend, run.scheduler, run.sampler, {"run": "a"}, WORLD)
 
 
@@ -240,8 +245,42 @@ def test_a_checkpoint_missing_a_part_is_named_as_damaged(tmp_path, damage):
     else:
         (saved / damage).unlink()
     fresh = Run(seed=1)
-    with pytest.raises(ResumeError, match=r"step_1 is damaged .* delete it to resume from an earlier one"):
+    with pytest.raises(ResumeError, match=r"step_1 is damaged.*no earlier complete full state is kept in .*full_state "
+                                          r"to fall back to: start fresh by moving .*full_state away"):
         resume(tmp_path, fresh.backend, fresh.scheduler, fresh.sampler, {"run": "a"}, WORLD)
+
+
+def test_flipped_bytes_in_a_weights_file_are_found_and_named(tmp_path):
+    run = Run(seed=0)
+    run.step()
+    saved = run.save(tmp_path, 1)
+    weights = saved / "model" / "rank00000.pt"
+    data = bytearray(weights.read_bytes())
+    at = len(data) // 2  # inside the tensor data: it would load, with wrong values
+    data[at:at + 16] = bytes(b ^ 0xFF for b in data[at:at + 16])
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ResumeError, match=r"step_1 is damaged: model/rank00000.pt changed since it was written "
+                                          r"\(checksum \w+, \w+ when written\); no earlier complete full state"):
+        resume(tmp_path, Run(seed=1).backend, run.scheduler, run.sampler, {"run": "a"}, WORLD)
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_it(tmp_path, caplog):
+    run = Run(seed=0)
+    run.step()
+    first = run.save(tmp_path, 1)
+    expected = [p.detach().clone() for p in run.model.parameters()]
+    run.step()
+    second = run.save(tmp_path, 2)
+    rng = second / "rng_rank00000.pt"
+    rng.write_bytes(rng.read_bytes()[:-1] + bytes([rng.read_bytes()[-1] ^ 1]))
+    fresh = Run(seed=1)
+    with caplog.at_level("WARNING"):
+        progress, checkpoint = resume(tmp_path, fresh.backend, fresh.scheduler, fresh.sampler, {"run": "a"}, WORLD)
+    assert checkpoint == first and progress.step == 1
+    assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(), expected))
+    assert "rng_rank00000.pt changed since it was written" in caplog.text and "step_2.damaged" in caplog.text
+    assert (tmp_path / "full_state" / "step_2.damaged" / "rng_rank00000.pt").is_file()  # kept, never resumed
+    assert complete_checkpoints(tmp_path) == [first]
 
 
 def test_a_model_of_another_shape_is_refused(tmp_path):
@@ -277,7 +316,7 @@ def test_fingerprint_names_what_changed_and_ignores_what_may_change(tmp_path):
         with pytest.raises(ResumeError) as info:
             check_fingerprint(base, other, checkpoint)
         assert f"{field}: the checkpoint has" in str(info.value)
-        assert f"delete or move {checkpoint.parent}" in str(info.value)
+        assert f"move {checkpoint.parent} away" in str(info.value)
     check_fingerprint(base, dict(base), checkpoint)  # the same run resumes
 
 

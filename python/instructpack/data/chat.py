@@ -17,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from jinja2.exceptions import TemplateSyntaxError
 from jinja2.sandbox import SecurityError
 
-from ..errors import ConfigError, PathNotFoundError, TemplateError, UnsafeTemplateError
+from ..errors import ChatTemplateError, ConfigError, PathNotFoundError, TemplateError, UnsafeTemplateError
 from .messages import Conversation
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -51,6 +53,7 @@ class TokenizerFiles:
     vocab_size: int
     fingerprint: str
     template_fingerprint: str
+    template_source: str = "the chat template"  # where it was read, for messages
 
 
 @dataclass(frozen=True)
@@ -103,10 +106,13 @@ def load_tokenizer_files(model_path: str | Path, chat_tmpl_path: str | Path | No
             raise PathNotFoundError("", ("chat_tmpl_path",), "no such file; give a Jinja chat template file",
                                     str(chat_tmpl_path))
         template = tmpl_file.read_text(encoding="utf-8")
+        source = str(tmpl_file)
     elif (model / "chat_template.jinja").is_file():
         template = (model / "chat_template.jinja").read_text(encoding="utf-8")
+        source = str(model / "chat_template.jinja")
     else:
         template = tok.config.get("chat_template")
+        source = f"the chat_template of {model / 'tokenizer_config.json'}"
         if isinstance(template, list):  # named templates: the "default" one, as transformers does
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
     if not template:
@@ -119,19 +125,34 @@ def load_tokenizer_files(model_path: str | Path, chat_tmpl_path: str | Path | No
         vocab_size=tok.vocab_size,
         fingerprint=tok.fingerprint,
         template_fingerprint=template_fingerprint(template),
+        template_source=source,
     )
 
 
-class ChatRenderer:
-    """Renders conversations with a chat template and finds the trained character spans."""
+# A conversation every chat template must render: one that fails on it is broken, whatever the data.
+_PROBE = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi."}]
 
-    def __init__(self, chat_template: str, special_tokens: dict):
+
+class ChatRenderer:
+    """Renders conversations with a chat template and finds the trained character spans.
+    Building one renders a plain user/assistant exchange: a template that fails on it (a
+    syntax error, a bug) is a ChatTemplateError naming the template and its line, before
+    any data is read, never an error of every data line."""
+
+    def __init__(self, chat_template: str, special_tokens: dict, source: str = "the chat template"):
         from transformers.utils.chat_template_utils import render_jinja_template
 
         self._render_jinja = render_jinja_template
         self.chat_template = chat_template
+        self.source = source
         self.special_tokens = dict(special_tokens)
         self._sentinel_cache: dict[tuple, tuple] = {}
+        try:
+            self.render(_PROBE)
+        except TemplateError as e:
+            raise ChatTemplateError(f"{e}; it fails on a plain exchange of one user and one assistant message "
+                                    f"({_PROBE}), so it would fail on every sample: fix the template, or give "
+                                    "another with chat_tmpl_path") from None
 
     def render(self, messages: list[dict]) -> str:
         try:
@@ -141,8 +162,15 @@ class ChatRenderer:
             raise UnsafeTemplateError(f"the chat template tried an unsafe operation, which its sandbox stopped "
                                       f"({e}); use a template you trust (chat_tmpl_path)") from None
         except Exception as e:  # jinja raises TemplateError, but templates can raise anything
-            raise TemplateError(f"chat template failed: {e}") from None
+            raise TemplateError(f"chat template failed: {e} ({self._where(e)})") from None
         return rendered[0][0]
+
+    def _where(self, error: Exception) -> str:
+        """The line of the template that raised, and the template."""
+        line = error.lineno if isinstance(error, TemplateSyntaxError) else next(
+            (f.lineno for f in reversed(traceback.extract_tb(error.__traceback__)) if f.filename == "<template>"),
+            None)
+        return f"at line {line} of {self.source}" if line else f"in {self.source}"
 
     def _sentinel_parts(self, shape: tuple) -> tuple:
         """The sentinel render of a conversation of this shape, split into literal text

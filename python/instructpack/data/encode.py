@@ -65,20 +65,31 @@ class ChunkEncoder:
         from tokenizers import Tokenizer, normalizers
 
         self.tokenizer = Tokenizer.from_file(str(files.tokenizer_json))
-        self.renderer = ChatRenderer(files.chat_template, files.special_tokens)
+        self.renderer = ChatRenderer(files.chat_template, files.special_tokens, files.template_source)
         self.byte_len = byte_length_table(self.tokenizer)
         self.nfc = isinstance(self.tokenizer.normalizer, normalizers.NFC)
         self.token_dtype = token_dtype_for(files.vocab_size)
         self.max_seq_len = max_seq_len
         self.min_seq_len = min_seq_len
+        # No token covers more characters than its longest vocabulary string, so a sample
+        # with more content than this is too long whatever the tokenizer makes of it, and is
+        # dropped without rendering or tokenizing it (a 50 MB line would take minutes and GBs).
+        # The factor 4 leaves room for normalizers that shorten text (NFC composing accents).
+        longest = max(len(t) for t in self.tokenizer.get_vocab(with_added_tokens=True))
+        self.certainly_too_long_chars = 4 * max_seq_len * max(longest, 1)
 
     def encode(self, first_line: int, raw_lines: list[bytes]) -> EncodedChunk:
         texts, spans, line_numbers, invalid = [], [], [], []
+        too_long_unread = 0
         for number, raw in enumerate(raw_lines, start=first_line):
             if not raw.strip():
                 continue  # blank lines (a trailing newline, say) are not samples
             try:
-                text, trained_spans = self.renderer.render_with_spans(decode_line(raw))
+                conversation = decode_line(raw)
+                if _content_chars(conversation) > self.certainly_too_long_chars:
+                    too_long_unread += 1
+                    continue
+                text, trained_spans = self.renderer.render_with_spans(conversation)
             except SampleError as e:
                 invalid.append((number, e.kind, str(e)))
                 continue
@@ -108,13 +119,16 @@ class ChunkEncoder:
         reason[lengths > self.max_seq_len] = DROP_REASONS.index("too_long")
         keep = reason < 0
         keep_tokens = np.repeat(keep, lengths)
+        dropped = {r: int((reason == i).sum()) for i, r in enumerate(DROP_REASONS) if (reason == i).any()}
+        if too_long_unread:
+            dropped["too_long"] = dropped.get("too_long", 0) + too_long_unread
         return EncodedChunk(
             tokens=ids[keep_tokens].astype(self.token_dtype),
             mask=mask[keep_tokens],
             lengths=lengths[keep].astype(np.uint32),
             trained=trained[keep].astype(np.uint32),
             source_lines=np.asarray(line_numbers, dtype=np.uint64)[keep],
-            dropped={r: int((reason == i).sum()) for i, r in enumerate(DROP_REASONS) if (reason == i).any()},
+            dropped=dropped,
             invalid=invalid,
             lines=len(raw_lines),
         )
@@ -160,6 +174,10 @@ class ChunkEncoder:
         span_begin = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(span_counts, out=span_begin[1:])
         return (starts, ends, np.asarray(span_starts, np.int64), np.asarray(span_ends, np.int64), span_begin)
+
+
+def _content_chars(conversation) -> int:
+    return sum(len(m.content) + len(m.reasoning_content or "") for m in conversation.messages)
 
 
 # Worker-process state: the encoder the pool initializer installs in each process.

@@ -1,7 +1,7 @@
 """manifest.json: what a dataset directory holds, as a typed document.
 
-Preprocessing (or the synthetic writer) writes it last and fsyncs it: a directory with a
-manifest is a complete dataset. `read_manifest` is the one reader: it checks the format,
+Preprocessing (or the synthetic writer) writes it last and atomically (data/writing.py): a
+directory with a manifest is a complete dataset. `read_manifest` is the one reader: it checks the format,
 every field's type and range (the Structs below), and that every shard is named by a plain
 file name, so that no manifest can make the reader open a file elsewhere. How the manifest
 relates to the shard files themselves (sizes, counts, checksums) is checked by
@@ -18,7 +18,6 @@ import msgspec
 
 from ..documents import DocumentError, convert_document
 from ..errors import DatasetError
-from ..fileio import write_synced
 
 FORMAT = "instructpack-shards"
 FORMAT_VERSION = 1
@@ -100,9 +99,10 @@ class Manifest(msgspec.Struct, kw_only=True):
     synthetic: SyntheticInfo | None = None
 
 
-def write_manifest(directory: Path, manifest: Manifest) -> None:
-    """Written last and fsync'd: a directory with a manifest is a complete dataset."""
-    write_synced(Path(directory) / MANIFEST, msgspec.json.format(msgspec.json.encode(manifest)).decode() + "\n")
+def encode_manifest(manifest: Manifest) -> bytes:
+    """The file's bytes; data/writing.py writes them, last and atomically: a directory with
+    a manifest is a complete dataset."""
+    return msgspec.json.format(msgspec.json.encode(manifest)) + b"\n"
 
 
 def manifest_error(manifest_path: Path, what: str) -> DatasetError:

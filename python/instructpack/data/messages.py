@@ -43,6 +43,9 @@ def decode_line(raw: bytes) -> Conversation:
                           "re-encode it as UTF-8")
     if not raw.strip():
         raise SampleError("malformed_json", "empty line; a line must hold one JSON object")
+    if b"\x00" in raw and _looks_like_utf16(raw):
+        raise SampleError("not_utf8", "the file looks like UTF-16 without a byte-order mark (every other byte is "
+                          "0); re-encode it as UTF-8")
     try:
         conv = _decoder.decode(raw)
     except UnicodeDecodeError:
@@ -64,4 +67,53 @@ def decode_line(raw: bytes) -> Conversation:
     if not conv.messages:
         raise SampleError("invalid_sample",
                           'invalid sample: "messages" is empty; a sample needs at least one message')
+    _check_roles(conv)
+    if _may_repeat_a_key(raw, len(conv.messages)):
+        _refuse_repeated_keys(raw)
     return conv
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_roles(conv: Conversation) -> None:
+    """A role that is a known one in another case ("Assistant") may render, but it would
+    not be trained as that role: say so rather than drop the sample as untrained."""
+    for i, m in enumerate(conv.messages):
+        if m.role not in ROLES and m.role.lower() in ROLES:
+            raise SampleError("invalid_sample", f"invalid sample: message {i} has role {m.role!r}; roles are "
+                              f"lowercase: write {m.role.lower()!r}")
+
+
+def _looks_like_utf16(raw: bytes) -> bool:
+    # ASCII text in UTF-16 has a 0 byte beside every character; UTF-8 text has none.
+    sample = raw[:4096]
+    return max(sample[0::2].count(0), sample[1::2].count(0)) * 4 >= len(sample)
+
+
+_KEYS = (b'"messages"', b'"unmask"', b'"role"', b'"content"')
+
+
+def _may_repeat_a_key(raw: bytes, messages: int) -> bool:
+    """A cheap test, in C (bytes.count), that no key we read appears more often than the
+    sample can hold it once; when it does (or the text merely contains such a word), the
+    exact test below decides."""
+    return (raw.count(b'"messages"') > 1 or raw.count(b'"unmask"') > 1 or raw.count(b'"role"') > messages
+            or raw.count(b'"content"') > messages or raw.count(b'"reasoning_content"') > messages)
+
+
+def _refuse_repeated_keys(raw: bytes) -> None:
+    """JSON allows a key twice in one object and keeps the last; a sample with two
+    "content"s or two "messages" is ambiguous, so it is refused, naming the key."""
+    import json
+
+    def pairs(items: list) -> dict:
+        seen = set()
+        for key, _ in items:
+            if key in seen:
+                raise SampleError("invalid_sample", f"invalid sample: the key {key!r} appears twice in one object; "
+                                  "JSON keeps the last, which may not be what was meant: keep one")
+            seen.add(key)
+        return dict(items)
+
+    json.loads(raw, object_pairs_hook=pairs)

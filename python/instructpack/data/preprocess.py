@@ -4,8 +4,9 @@ token shards. `data_process.main` (the InstructLab entry point) and the
 
 The pipeline streams: the input is read in chunks, workers (processes) render, tokenize
 and mask each chunk, and the results are appended to shards in input order, so memory
-does not grow with the input. Output goes to a temporary directory next to the target and
-is renamed into place at the end: an interrupted run never leaves a dataset that looks whole.
+does not grow with the input. The dataset is written into its directory beside anything
+else there, its manifest last (data/writing.py): an interrupted run never leaves a dataset
+that looks whole, and never touches what was there.
 """
 
 from __future__ import annotations
@@ -22,10 +23,18 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataProcessArgs
-from ..errors import DatasetError, InputError, InstructPackError, PathExistsError, PathNotFoundError, WriteError
-from ..fileio import directory_written_aside, remove_stale_temporaries
+from ..errors import (
+    ChatTemplateError,
+    ConfigError,
+    InputError,
+    InstructPackError,
+    PathExistsError,
+    PathNotFoundError,
+    WriteError,
+)
+from ..fileio import lies_inside
 from . import encode
-from .chat import load_tokenizer_files
+from .chat import TokenizerFiles, load_tokenizer_files
 from .manifest import (
     FORMAT_VERSION,
     ChatTemplateInfo,
@@ -35,10 +44,9 @@ from .manifest import (
     Settings,
     SourceInfo,
     TokenizerInfo,
-    read_manifest,
-    write_manifest,
 )
 from .shards import ShardSequenceWriter, token_dtype_for
+from .writing import DatasetWrite, dataset_write, existing_manifest
 
 CHUNK_LINES = 256
 CHUNK_BYTES = 1 << 20
@@ -56,59 +64,80 @@ class PreprocessResult:
         return format_summary(self.manifest, self.output_path, self.reused)
 
 
-def preprocess(args: DataProcessArgs, progress: bool | None = None, shard_tokens: int | None = None
-               ) -> PreprocessResult:
-    """Preprocesses `args.data_path` into `args.data_output_path`; reuses a matching output."""
-    start = time.perf_counter()
-    data_path = Path(args.data_path)
-    if not data_path.is_file():
-        raise PathNotFoundError("", ("data_path",), "no such file; give a messages-format JSONL file", args.data_path)
+@dataclass(frozen=True)
+class PreprocessPlan:
+    """What `preprocess` will do, decided before anything is written: the input (checked),
+    the tokenizer and template, and the fingerprint that the output's manifest records (an
+    existing output with the same one is reused)."""
+    args: DataProcessArgs
+    data_path: Path
+    output_path: Path
+    files: TokenizerFiles
+    input_sha256: str
+    fingerprint: str
+    existing: Manifest | None  # the dataset already in output_path
+
+    @property
+    def reusable(self) -> bool:
+        return self.existing is not None and self.existing.fingerprint == self.fingerprint and not self.args.overwrite
+
+
+def plan_preprocessing(args: DataProcessArgs) -> PreprocessPlan:
+    """Checks the input, the output directory, the tokenizer and the template; writes nothing."""
+    data_path, out = Path(args.data_path), Path(args.data_output_path)
+    _check_input(data_path, args.data_path)
+    if out.exists() and not out.is_dir():
+        raise PathExistsError("", ("data_output_path",), "is a file; give a directory path", args.data_output_path)
+    if lies_inside(data_path, out):
+        raise ConfigError("", ("data_path",), f"lies inside data_output_path ({out}): keep the input outside the "
+                          "directory the dataset is written to", args.data_path)
     files = load_tokenizer_files(args.model_path, args.chat_tmpl_path)
-    out = Path(args.data_output_path)
-    fingerprint, input_sha = _fingerprint(args, data_path, files)
-
-    existing = _existing_manifest(out)
-    if existing is not None and existing.fingerprint == fingerprint and not args.overwrite:
-        return PreprocessResult(out, existing, reused=True)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
-    try:
-        with directory_written_aside(out) as tmp:
-            manifest, invalid_examples = _process(args, data_path, input_sha, files, tmp, progress, shard_tokens)
-            manifest.fingerprint = fingerprint
-            manifest.elapsed_s = round(time.perf_counter() - start, 3)
-            write_manifest(tmp, manifest)
-    except OSError as e:
-        if isinstance(e, InstructPackError):
-            raise
-        raise WriteError(f"could not write the dataset {out}: {e}; nothing was put in its place. Free space on "
-                         "that disk or choose another data_output_path") from e
-    return PreprocessResult(out, manifest, invalid_examples=invalid_examples)
-
-
-def _fingerprint(args: DataProcessArgs, data_path: Path, files) -> tuple[str, str]:
     with open(data_path, "rb") as f:
         input_sha = hashlib.file_digest(f, "sha256").hexdigest()
     h = hashlib.sha256()
     for part in (FORMAT_VERSION, input_sha, files.fingerprint, files.template_fingerprint, args.max_seq_len,
                  args.min_seq_len, args.skip_invalid_lines):
         h.update(f"{part}\0".encode())
-    return h.hexdigest()[:24], input_sha
+    return PreprocessPlan(args, data_path, out, files, input_sha, h.hexdigest()[:24],
+                          existing_manifest(out) if out.is_dir() else None)
 
 
-def _existing_manifest(out: Path) -> Manifest | None:
-    if not out.exists():
-        return None
-    if not out.is_dir():
-        raise PathExistsError("", ("data_output_path",), "is a file; give a directory path", str(out))
+def preprocess(args: DataProcessArgs, progress: bool | None = None, shard_tokens: int | None = None
+               ) -> PreprocessResult:
+    """Preprocesses `args.data_path` into `args.data_output_path`; reuses a matching output."""
+    return run_preprocessing(plan_preprocessing(args), progress=progress, shard_tokens=shard_tokens)
+
+
+def run_preprocessing(plan: PreprocessPlan, progress: bool | None = None, shard_tokens: int | None = None
+                      ) -> PreprocessResult:
+    if plan.reusable:
+        return PreprocessResult(plan.output_path, plan.existing, reused=True)
+    start = time.perf_counter()
+    out = plan.output_path
     try:
-        return read_manifest(out)
-    except DatasetError:
-        if any(out.iterdir()):
-            raise PathExistsError("", ("data_output_path",), "exists and is not an instructpack dataset; choose "
-                                  "another path or remove it", str(out)) from None
-        return None
+        with dataset_write(out) as write:
+            manifest, invalid_examples = _process(plan, write, progress, shard_tokens)
+            manifest.fingerprint = plan.fingerprint
+            manifest.elapsed_s = round(time.perf_counter() - start, 3)
+            write.commit(manifest)
+    except OSError as e:
+        if isinstance(e, InstructPackError):
+            raise
+        raise WriteError(f"could not write the dataset into {out}: {e}; what was there is intact. Free space on "
+                         "that disk or choose another data_output_path") from e
+    return PreprocessResult(out, manifest, invalid_examples=invalid_examples)
+
+
+def _check_input(data_path: Path, given: str) -> None:
+    if data_path.is_dir():
+        raise PathNotFoundError("", ("data_path",), "is a directory; give a messages-format JSONL file", given)
+    if not data_path.is_file():
+        raise PathNotFoundError("", ("data_path",), "no such file; give a messages-format JSONL file", given)
+    with open(data_path, "rb") as f:
+        head = f.read(1 << 16)
+    if not head.strip() and len(head) < 1 << 16:  # nothing but whitespace
+        raise InputError(str(data_path), None, "the file is empty (no samples); give a messages-format JSONL "
+                             "file with one conversation per line")
 
 
 def _read_chunks(f, first_line: int = 1):
@@ -133,7 +162,7 @@ def _worker_count(requested: int) -> int:
     return max(1, min(requested, available))
 
 
-def _encoded_chunks(args: DataProcessArgs, files, f, workers: int):
+def _encoded_chunks(args: DataProcessArgs, files: TokenizerFiles, f, workers: int):
     """Encoded chunks in input order; with several workers, at most a few chunks are in
     flight, so memory stays bounded whatever the input size."""
     # Built here, before any fork: workers inherit the loaded tokenizer and template code.
@@ -155,10 +184,12 @@ def _encoded_chunks(args: DataProcessArgs, files, f, workers: int):
             yield pending.popleft().get()
 
 
-def _process(args: DataProcessArgs, data_path: Path, input_sha: str, files, tmp: Path, progress: bool | None,
-             shard_tokens: int | None) -> tuple[Manifest, list]:
+def _process(plan: PreprocessPlan, write: DatasetWrite, progress: bool | None, shard_tokens: int | None
+             ) -> tuple[Manifest, list]:
+    args, data_path, files = plan.args, plan.data_path, plan.files
     token_dtype = token_dtype_for(files.vocab_size)
-    writer = ShardSequenceWriter(tmp, token_dtype, **({"shard_tokens": shard_tokens} if shard_tokens else {}))
+    writer = ShardSequenceWriter(write.directory, token_dtype, write.shard_name,
+                                 **({"shard_tokens": shard_tokens} if shard_tokens else {}))
     dropped = collections.Counter()
     invalid_reasons = collections.Counter()
     invalid_examples: list = []
@@ -186,12 +217,16 @@ def _process(args: DataProcessArgs, data_path: Path, input_sha: str, files, tmp:
     shards = writer.close()
     lengths = np.concatenate(lengths_seen) if lengths_seen else np.zeros(0, np.uint32)
     samples = int(sum(s.samples for s in shards))
+    if samples == 0 and invalid_reasons and set(invalid_reasons) == {"chat_template"}:
+        raise ChatTemplateError(f"{files.template_source} rejected every line of {data_path} "
+                                f"({invalid_reasons['chat_template']:,} lines; the first: {invalid_examples[0]}): the "
+                                "template is at fault, not the data: fix it, or give another with chat_tmpl_path")
     if samples == 0:
         raise InputError(str(data_path), None, f"no sample was kept (dropped: {dict(dropped) or 'none'}, invalid "
                          f"lines: {sum(invalid_reasons.values())}); check max_seq_len and that samples have assistant "
                          "turns")
     manifest = Manifest(
-        source=SourceInfo(path=str(data_path.resolve()), lines=lines, sha256=input_sha),
+        source=SourceInfo(path=str(data_path.resolve()), lines=lines, sha256=plan.input_sha256),
         tokenizer=TokenizerInfo(path=str(Path(args.model_path).resolve()), fingerprint=files.fingerprint,
                                 vocab_size=files.vocab_size, token_dtype=token_dtype.name),
         chat_template=ChatTemplateInfo(path=args.chat_tmpl_path, fingerprint=files.template_fingerprint),

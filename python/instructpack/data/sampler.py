@@ -214,7 +214,8 @@ class MultipackSampler:
 
     def load_state_dict(self, state: dict) -> None:
         # Step contents depend only on the samples, the batch size and the seed (not on the
-        # world size or max_batch_len), so only those must match to resume exactly.
+        # world size or max_batch_len), so only those must match here. (A training run also
+        # keeps its world size when it resumes: its full state holds one part per rank.)
         for key in ("num_samples", "effective_batch_size", "seed"):
             ours = len(self.lengths) if key == "num_samples" else getattr(self, key)
             if state[key] != ours:

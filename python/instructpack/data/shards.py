@@ -21,11 +21,12 @@ def token_dtype_for(vocab_size: int) -> np.dtype:
 
 
 class ShardSequenceWriter:
-    """Appends encoded chunks to shard-00000.bin, shard-00001.bin, ... in `directory`,
-    starting a new shard when the current one would pass `shard_tokens` tokens."""
+    """Appends encoded chunks to shards in `directory`, starting a new shard when the current
+    one would pass `shard_tokens` tokens; `shard_name(i)` names the i-th (writing.py)."""
 
-    def __init__(self, directory: Path, token_dtype: np.dtype, shard_tokens: int = DEFAULT_SHARD_TOKENS):
+    def __init__(self, directory: Path, token_dtype: np.dtype, shard_name, shard_tokens: int = DEFAULT_SHARD_TOKENS):
         self.directory = Path(directory)
+        self.shard_name = shard_name
         self.token_bytes = np.dtype(token_dtype).itemsize
         self.shard_tokens = shard_tokens
         self.shards: list[ShardEntry] = []
@@ -52,7 +53,7 @@ class ShardSequenceWriter:
 
     def _open_name(self) -> str:
         """File name of the shard being written (finished shards are numbered before it)."""
-        return f"shard-{len(self.shards):05d}.bin"
+        return self.shard_name(len(self.shards))
 
     def _finish_shard(self) -> None:
         w = self._writer

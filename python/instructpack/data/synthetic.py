@@ -1,7 +1,7 @@
 """Synthetic token datasets in the preprocessed format: random tokens of given lengths.
 
 Used by `mock_data` training (throughput runs without a dataset) and by the benchmarks.
-The output is written next to `out` and renamed into place, like preprocessing output.
+The output is written into `out` as preprocessing writes its output (data/writing.py).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import directory_written_aside
-from .manifest import Manifest, SyntheticInfo, TokenizerInfo, write_manifest
+from .manifest import Manifest, SyntheticInfo, TokenizerInfo
 from .shards import ShardSequenceWriter, TokenDataset, load_dataset, token_dtype_for
+from .writing import dataset_write
 
 
 def write_synthetic_dataset(out: str | Path, lengths: np.ndarray, vocab_size: int, *, seed: int = 0,
@@ -38,10 +38,10 @@ def write_synthetic_dataset(out: str | Path, lengths: np.ndarray, vocab_size: in
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     trained_counts = np.add.reduceat(mask.astype(np.int64), starts)
 
-    with directory_written_aside(out) as tmp:
-        writer = ShardSequenceWriter(tmp, dtype)
+    with dataset_write(out) as write:
+        writer = ShardSequenceWriter(write.directory, dtype, write.shard_name)
         writer.append(tokens, mask, lengths.astype(np.uint32), trained_counts.astype(np.uint32),
                       np.arange(1, len(lengths) + 1))
-        write_manifest(tmp, Manifest(shards=writer.close(), tokenizer=TokenizerInfo(vocab_size=vocab_size),
-                                     synthetic=SyntheticInfo(seed=seed, trained=trained)))
+        write.commit(Manifest(shards=writer.close(), tokenizer=TokenizerInfo(vocab_size=vocab_size),
+                              synthetic=SyntheticInfo(seed=seed, trained=trained)))
     return load_dataset(out)

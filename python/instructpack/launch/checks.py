@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from ..config import DistributedBackend, TorchrunArgs, TrainingArgs
-from ..errors import ConfigError, PathNotFoundError
+from ..errors import ConfigError, PathExistsError, PathNotFoundError
+from ..fileio import lies_inside
 from ..train.metrics import check_sinks
 from .model_dir import check_model_dir
 
@@ -33,6 +34,9 @@ def visible_gpus() -> int:
 
 def check_before_launch(t: TorchrunArgs, args: TrainingArgs) -> int:
     """Everything that can be refused from the settings alone; returns the world size."""
+    t.validate()  # as they are now: the objects may have been changed since they were built
+    args.validate()
+    check_paths(args)
     check_model_dir(args.model_path, trust_remote_code=args.trust_remote_code)  # names the file and the fix
     if args.lora is not None and args.lora.quantize_data_type is not None \
             and args.distributed_backend != DistributedBackend.DDP:
@@ -52,7 +56,29 @@ def check_before_launch(t: TorchrunArgs, args: TrainingArgs) -> int:
                           f"must be at least the number of processes ({world}): every process needs a sample "
                           "in every step", args.effective_batch_size)
     check_sinks(args)  # a missing tensorboard/wandb/mlflow package fails now, not in every worker
-    if not args.mock_data and not args.process_data and not Path(args.data_output_dir).is_dir():
+    return world
+
+
+def check_paths(args: TrainingArgs) -> None:
+    """Directories that can be written as asked, without one run's output destroying another's."""
+    ckpt, data_out = Path(args.ckpt_output_dir), Path(args.data_output_dir)
+    for field, path in (("ckpt_output_dir", ckpt), ("data_output_dir", data_out)):
+        if path.exists() and not path.is_dir():
+            raise PathExistsError("training_args", (field,), "is a file; give a directory", str(path))
+    if overlaps(ckpt, data_out):
+        raise ConfigError("training_args", ("data_output_dir",), f"equals, contains or lies inside ckpt_output_dir "
+                          f"({args.ckpt_output_dir}): checkpoints and the dataset each need a directory of their "
+                          "own; give them separate ones", args.data_output_dir)
+    if args.mock_data:
+        return
+    if args.process_data:
+        if lies_inside(Path(args.data_path), data_out):
+            raise ConfigError("training_args", ("data_path",), f"lies inside data_output_dir ({args.data_output_dir}),"
+                              " where the dataset is written: keep the input outside it", args.data_path)
+    elif not data_out.is_dir():
         raise PathNotFoundError("training_args", ("data_output_dir",), "process_data is false, so this must be an "
                                 "already preprocessed dataset directory; it does not exist", args.data_output_dir)
-    return world
+
+
+def overlaps(a: Path, b: Path) -> bool:
+    return lies_inside(a, b) or lies_inside(b, a)

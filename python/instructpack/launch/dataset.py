@@ -11,18 +11,22 @@ import numpy as np
 
 from ..config import DataProcessArgs, TrainingArgs
 from ..data.manifest import MANIFEST
+from ..data.preprocess import PreprocessPlan, plan_preprocessing, run_preprocessing
 from ..data.sampler import check_plan_settings
 from ..data.shards import load_dataset
 from ..data.synthetic import write_synthetic_dataset
 from ..data.tokenizer_check import check_dataset_matches_model
-from ..data_process import main as preprocess_main
-from ..errors import ConfigError
+from ..errors import ConfigError, ResumeError
+from ..train.checkpoints.identity import TrainerState
 
 MOCK_STEPS = 8  # mock_data: this many steps of effective_batch_size samples per epoch
 
 
-def prepare_dataset(args: TrainingArgs, world_size: int = 1) -> Path:
-    """The directory of the dataset to train, checked against the model and the planner."""
+def prepare_dataset(args: TrainingArgs, world_size: int = 1,
+                    resuming: tuple[Path | None, TrainerState | None] = (None, None)) -> Path:
+    """The directory of the dataset to train, checked against the model and the planner.
+    `resuming`: the full state the run will resume; preprocessing that would make another
+    dataset than it trained is refused before it writes anything."""
     # Every byte of a dataset that was on the disk before is checked against the manifest's
     # checksums (a damaged shard fails before launch, naming the file), and a dataset given
     # as it is, against the model's tokenizer. What preprocessing writes or reuses now was
@@ -32,10 +36,12 @@ def prepare_dataset(args: TrainingArgs, world_size: int = 1) -> Path:
     if args.mock_data:
         path = _mock_dataset(args)
     elif args.process_data:
-        result = preprocess_main(DataProcessArgs(
+        plan = plan_preprocessing(DataProcessArgs(
             data_path=args.data_path, data_output_path=args.data_output_dir, model_path=args.model_path,
             chat_tmpl_path=args.chat_tmpl_path, max_seq_len=args.max_seq_len,
             num_cpu_procs=args.data_process_num_cpu_procs))
+        _check_resumed_data(plan, *resuming)
+        result = run_preprocessing(plan)
         print(result.summary(), flush=True)
         path, just_written = result.output_path, not result.reused
     else:
@@ -43,11 +49,37 @@ def prepare_dataset(args: TrainingArgs, world_size: int = 1) -> Path:
     dataset = load_dataset(path, verify=not just_written)  # DatasetError names the file and the fix
     if not args.process_data or args.mock_data:
         check_dataset_matches_model(path, args.model_path, args.chat_tmpl_path)
+    if not args.process_data and not args.mock_data and not args.allow_longer_samples:
+        longer = int((dataset.lengths > args.max_seq_len).sum())
+        if longer:
+            raise ConfigError("training_args", ("max_seq_len",), f"the dataset {path} was made with max_seq_len "
+                              f"{dataset.manifest.settings.max_seq_len if dataset.manifest.settings else '?'} and "
+                              f"holds {longer} samples longer than this run's (the longest: "
+                              f"{int(dataset.lengths.max())} tokens): preprocess again with this max_seq_len "
+                              "(process_data=True), or set allow_longer_samples=True to train them",
+                              args.max_seq_len)
     # Planning settings are checked now (a sample longer than max_batch_len...) rather than
     # in every worker after the model has loaded.
     check_plan_settings(dataset.lengths, effective_batch_size=args.effective_batch_size,
                         max_batch_len=args.max_batch_len, world_size=world_size)
     return path
+
+
+def _check_resumed_data(plan: PreprocessPlan, checkpoint: Path | None, state: TrainerState | None) -> None:
+    """Refuses, before preprocessing writes anything, data that would make another dataset
+    than the one the checkpoint trained (and that resuming would refuse after)."""
+    saved = state.dataset if state is not None else None
+    if saved is None or saved.preprocess_fingerprint in (None, plan.fingerprint):
+        return
+    if saved.source_sha256 != plan.input_sha256:
+        what = f"data_path {plan.data_path} is not the file it was made from (sha256 {plan.input_sha256[:12]})"
+    else:
+        what = ("the same data_path, but another tokenizer, chat template or preprocessing setting "
+                "(max_seq_len) would make other tokens")
+    raise ResumeError(f"cannot resume from {checkpoint}: it trained {saved.describe()}; {what}. Nothing was "
+                      f"written (the dataset in {plan.output_path} is as it was). Run with the data the checkpoint "
+                      f"trained to resume, or start fresh: move {checkpoint.parent} away, or use another "
+                      "ckpt_output_dir")
 
 
 def _mock_dataset(args: TrainingArgs) -> Path:

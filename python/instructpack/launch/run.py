@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ..config import TorchrunArgs, TrainingArgs, config_from_dict
 from ..data.manifest import read_manifest
-from ..train.checkpoints.identity import check_resumable, run_fingerprint
+from ..train.checkpoints.identity import DatasetSummary, check_fingerprint, run_fingerprint
+from ..train.checkpoints.resumable import select_checkpoint
 from ..train.job import JOB_FILE, JobConfig, write_job
 from .checks import check_before_launch
 from .dataset import prepare_dataset
@@ -42,16 +43,28 @@ def run_training(torchrun_args: TorchrunArgs | Mapping | None = None,
 
     out = Path(training_args.ckpt_output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dataset_path = prepare_dataset(training_args, world_size=world_size)
-    # A run that cannot resume the newest full state is refused before any worker starts.
-    check_resumable(out, run_fingerprint(training_args, read_manifest(dataset_path), world_size))
+    # A run that cannot resume the newest full state that verifies is refused before
+    # anything is written: first by the settings and the model, then (dataset.py) by the
+    # data it would preprocess, then by the dataset it has.
+    checkpoint, state = select_checkpoint(out)
+    if checkpoint is not None:
+        check_fingerprint(state.fingerprint, run_fingerprint(training_args, None, world_size), checkpoint)
+    dataset_path = prepare_dataset(training_args, world_size=world_size, resuming=(checkpoint, state))
+    manifest = read_manifest(dataset_path)
+    dataset = DatasetSummary.of(dataset_path, manifest)
+    if checkpoint is not None:
+        check_fingerprint(state.fingerprint, run_fingerprint(training_args, manifest, world_size), checkpoint,
+                          saved_dataset=state.dataset, our_dataset=dataset)
     status_dir = Path(tempfile.mkdtemp(prefix=".run-", dir=out))
-    job = write_job(out / JOB_FILE, JobConfig(training_args=training_args, dataset_path=str(dataset_path),
-                                              status_dir=str(status_dir), progress_bar=sys.stderr.isatty()))
+    job = write_job(out / JOB_FILE, JobConfig(
+        training_args=training_args, dataset_path=str(dataset_path), dataset_identity=dataset.identity,
+        status_dir=str(status_dir), resume_from=str(checkpoint) if checkpoint else None, resume_checked=True,
+        progress_bar=sys.stderr.isatty()))
     log_path = out / LOG_FILE
     try:
         with stop_requests(status_dir):
-            exit_code, tail = run_logged(torchrun_command(torchrun_args, job), worker_env(torchrun_args), log_path)
+            exit_code, tail = run_logged(torchrun_command(torchrun_args, job, status_dir), worker_env(torchrun_args),
+                                         log_path)
         if exit_code != 0:
             raise diagnose(exit_code, status_dir, tail, log_path)
         stop = stopped(status_dir)

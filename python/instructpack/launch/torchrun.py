@@ -27,7 +27,7 @@ TAIL_LINES = 30
 STOP_GRACE_S = 30
 
 
-def torchrun_command(t: TorchrunArgs, job_path: Path) -> list[str]:
+def torchrun_command(t: TorchrunArgs, job_path: Path, status_dir: Path | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={t.nnodes}",
            f"--nproc-per-node={t.nproc_per_node}", f"--node-rank={t.node_rank}", "--max-restarts=0"]
     if t.rdzv_endpoint:
@@ -36,7 +36,7 @@ def torchrun_command(t: TorchrunArgs, job_path: Path) -> list[str]:
         cmd += [f"--master-addr={t.master_addr}", f"--master-port={t.master_port or 29500}"]
     else:
         cmd += ["--standalone"]  # one machine: torchrun picks a free port itself
-    return cmd + ["-m", "instructpack.train.worker", str(job_path)]
+    return cmd + ["-m", "instructpack.train.worker", str(job_path)] + ([str(status_dir)] if status_dir else [])
 
 
 def worker_env(t: TorchrunArgs) -> dict[str, str]:

@@ -4,7 +4,8 @@ writes the job and may write a stop request; a worker writes how it failed, and 
 a requested stop ended. No torch here.
 
 - `ckpt_output_dir/job.json` (JobConfig): what to train; torchrun runs
-  `python -m instructpack.train.worker job.json`.
+  `python -m instructpack.train.worker job.json STATUS_DIR` (the status directory is given
+  on the command line too, so that a worker that cannot even read the job can say why).
 - In the job's private status directory:
   - `STOP`: the launcher got SIGTERM or SIGUSR1 and asks every worker to stop after the
     current step; its text says what the launcher received.
@@ -34,7 +35,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # ask a run to save its state a
 class JobConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     training_args: TrainingArgs
     dataset_path: str  # the preprocessed (or mock) dataset the workers read
+    # The dataset the launcher checked (checkpoints.identity.dataset_identity): a worker that
+    # finds another one there refuses to start. "": not checked (a job built by hand).
+    dataset_identity: str = ""
     status_dir: str  # the launcher's private directory for STOP, rank<N>.json and stopped.json
+    # The full state the launcher verified and chose to resume (None: a fresh start), when
+    # `resume_checked`; otherwise the workers choose (and verify) themselves.
+    resume_from: str | None = None
+    resume_checked: bool = False
     progress_bar: bool = False  # the launcher's console is a terminal
 
 
@@ -57,7 +65,10 @@ def write_job(path: Path, job: JobConfig) -> Path:
 
 
 def read_job(path: str | Path) -> JobConfig:
-    return msgspec.json.decode(Path(path).read_bytes(), type=JobConfig)
+    try:
+        return msgspec.json.decode(Path(path).read_bytes(), type=JobConfig)
+    except msgspec.ValidationError as e:  # a bad setting: the ConfigError that says which and why
+        raise (e.__cause__ if e.__cause__ is not None else e) from None
 
 
 def write_failure(status_dir: str | Path, rank: int, exc: BaseException) -> None:

@@ -16,9 +16,9 @@ from ..data.loader import Step, StepLoader
 from ..data.sampler import MultipackSampler
 from ..data.shards import TokenDataset
 from .backends import Backend, build_backend
-from .checkpoints.full_state import resume, save_full_state
+from .checkpoints.full_state import LauncherChoice, resume, save_full_state
 from .checkpoints.hf import save_hf_checkpoint
-from .checkpoints.identity import Progress, run_fingerprint
+from .checkpoints.identity import DatasetSummary, Progress, run_fingerprint
 from .checkpoints.native import save_native_checkpoint
 from .checkpoints.schedule import DEEPSPEED_FORMAT, CheckpointSchedule, checkpoint_dir
 from .distributed import World, all_reduce
@@ -68,8 +68,9 @@ class TrainResult:
 
 def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, dataset: TokenDataset,
           *, progress_bar: bool = False, stop: StopRequest | None = None,
-          precision: Precision | None = None) -> TrainResult:
-    """Runs every epoch, or what is left of them after the newest full-state checkpoint."""
+          precision: Precision | None = None, resume_choice: LauncherChoice | None = None) -> TrainResult:
+    """Runs every epoch, or what is left of them after the newest full-state checkpoint (the
+    launcher's `resume_choice` when it made one)."""
     stop = stop or StopRequest()
     sampler = training_sampler(args, world, dataset)
     loader = StepLoader(dataset, sampler, pin_memory=world.device.type == "cuda")
@@ -78,7 +79,9 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
     backend = build_backend(model, args, world, micro_batches=most_micro_batches, precision=precision)
     scheduler = build_scheduler(backend.optimizer, args, total_steps)
     fingerprint = run_fingerprint(args, dataset.manifest, world.world_size)
-    progress, resumed_from = resume(args.ckpt_output_dir, backend, scheduler, sampler, fingerprint, world)
+    summary = DatasetSummary.of(dataset.path, dataset.manifest)
+    progress, resumed_from = resume(args.ckpt_output_dir, backend, scheduler, sampler, fingerprint, world,
+                                    dataset=summary, choice=resume_choice)
     checkpoints = CheckpointSchedule.from_args(args)
     native_checkpoints = CheckpointSchedule.deepspeed_native(args)
     full_states = CheckpointSchedule.full_state(args)
@@ -119,7 +122,7 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
                 stopping = stop.agreed(world) and not last_step  # at the last step, the run is done anyway
                 if stopping or full_states.due(progress.step, epoch_end, last_step):
                     saved = save_full_state(args.ckpt_output_dir, backend, scheduler, sampler, progress,
-                                            fingerprint, world)
+                                            fingerprint, world, dataset=summary, keep_last=args.full_state_keep_last)
                 if stopping:
                     stopped_by = stop.reason()
                     if world.is_main:

@@ -20,6 +20,9 @@ import torch
 
 from ..config import DistributedBackend
 from ..data.shards import load_dataset
+from ..errors import DatasetError
+from .checkpoints.full_state import LauncherChoice
+from .checkpoints.identity import dataset_identity
 from .distributed import World, init_distributed, shutdown
 from .job import JobConfig, StopRecord, read_job, write_failure, write_stopped
 from .loop import TrainResult, train
@@ -51,6 +54,10 @@ def run(job: JobConfig, world: World, stop: StopRequest | None = None) -> TrainR
     seed_everything(args.random_seed)
     precision = decide_precision(args, world.device)
     dataset = load_dataset(job.dataset_path)
+    if job.dataset_identity and dataset_identity(dataset.manifest) != job.dataset_identity:
+        raise DatasetError(f"{dataset.path}: the dataset changed after the launcher checked it (another "
+                           "preprocessing wrote into this directory while the job started); the workers train "
+                           "only what was checked: run the job again")
     tokenizer = load_tokenizer(args)
     vocab = dataset.manifest.tokenizer.vocab_size
     # FSDP2 over several processes: rank 0 reads the weights and sends each rank its shards
@@ -59,17 +66,22 @@ def run(job: JobConfig, world: World, stop: StopRequest | None = None) -> TrainR
     on_meta = args.distributed_backend == DistributedBackend.FSDP and world.distributed and not world.is_main
     model = load_model(args, world.device, vocab_size=max(vocab, len(tokenizer)), weights=not on_meta,
                        precision=precision)
+    choice = LauncherChoice(job.resume_from) if job.resume_checked else None
     return train(args, world, model, tokenizer, dataset, progress_bar=job.progress_bar, stop=stop,
-                 precision=precision)
+                 precision=precision, resume_choice=choice)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """argv: the job file, and the status directory (where a failure is recorded even when
+    the job file cannot be read)."""
     argv = sys.argv[1:] if argv is None else argv
-    job = read_job(argv[0])
     rank = int(os.environ.get("RANK", 0))
-    setup_logging(job.training_args.log_level, rank)
-    stop = StopRequest(job.status_dir).install()  # first: a signal may come at any time
+    status_dir = argv[1] if len(argv) > 1 else None
     try:
+        job = read_job(argv[0])
+        status_dir = job.status_dir
+        setup_logging(job.training_args.log_level, rank)
+        stop = StopRequest(job.status_dir).install()  # first: a signal may come at any time
         world = init_distributed()
         if world.device.type == "cpu":  # what DeepSpeed would pick, without its warning that it guessed
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -83,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         del result
         gc.collect()
     except BaseException as exc:
-        write_failure(job.status_dir, rank, exc)
+        if status_dir is not None:
+            write_failure(status_dir, rank, exc)
         raise
     finally:
         shutdown()

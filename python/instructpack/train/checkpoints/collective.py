@@ -34,5 +34,4 @@ def write_collectively(work, world: World, target: Path, *, main_only: bool = Fa
 def _write_error(target: Path, error: Exception | None, kept: str) -> CheckpointError:
     cause = f"{error}" if error is not None else "rank 0 could not write it"
     return CheckpointError(f"could not write {target}: {cause}; {kept}. Free space on that disk or point "
-                           "ckpt_output_dir at a writable one, then run again (a run resumes from the newest "
-                           "complete full-state checkpoint)")
+                           "ckpt_output_dir at a writable one, then run again")

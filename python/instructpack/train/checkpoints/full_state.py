@@ -28,6 +28,7 @@ import os
 import random
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +42,20 @@ from .identity import (
     COMPLETE,
     MODEL_STATE,
     TRAINER_STATE,
+    DatasetSummary,
     Progress,
     TrainerState,
-    complete_checkpoints,
+    check_fingerprint,
     encode_trainer_state,
+    read_trainer_state,
+)
+from .resumable import (
+    complete_checkpoints,
+    fallback_advice,
     full_state_root,
     latest_checkpoint,
-    resumable,
+    record_of,
+    select_checkpoint,
     step_of,
 )
 
@@ -57,9 +65,11 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------ writing
 
 def save_full_state(ckpt_output_dir: str | Path, backend, scheduler, sampler, progress: Progress,
-                    fingerprint: dict[str, str], world: World) -> Path:
-    """Writes `full_state/step_<N>` atomically (a collective: every rank calls it) and then
-    removes older ones. Raises CheckpointError on every rank if any rank failed to write."""
+                    fingerprint: dict[str, str], world: World, *, dataset: DatasetSummary | None = None,
+                    keep_last: int = 2) -> Path:
+    """Writes `full_state/step_<N>` atomically (a collective: every rank calls it), then
+    removes all but the newest `keep_last` complete ones. Raises CheckpointError on every
+    rank if any rank failed to write."""
     root = full_state_root(ckpt_output_dir)
     final = root / f"step_{progress.step}"
     tmp = root / f".step_{progress.step}.tmp"
@@ -67,7 +77,8 @@ def save_full_state(ckpt_output_dir: str | Path, backend, scheduler, sampler, pr
     def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.iterdir():  # left by a crash or a full disk: never resumed from
-            if not (stale / COMPLETE).is_file():
+            ours = (stale.name.startswith(".step_") and stale.name.endswith(".tmp")) or step_of(stale) is not None
+            if ours and stale.is_dir() and not (stale / COMPLETE).is_file():
                 shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
 
@@ -77,16 +88,18 @@ def save_full_state(ckpt_output_dir: str | Path, backend, scheduler, sampler, pr
 
     def finish() -> None:
         state = TrainerState(time=time.time(), progress=progress, sampler=sampler.state_dict(),
-                             scheduler=scheduler.state_dict(), fingerprint=fingerprint)
+                             scheduler=scheduler.state_dict(), fingerprint=fingerprint, dataset=dataset)
         write_synced(tmp / TRAINER_STATE, encode_trainer_state(state))
         fsync_tree(tmp)
+        files = record_of(tmp)  # read back from the page cache: every file's size and checksum
         os.replace(tmp, final)
         fsync_dir(root)
-        write_synced(final / COMPLETE, json.dumps({"step": progress.step}) + "\n")
+        write_synced(final / COMPLETE, json.dumps({"step": progress.step, "files": files}) + "\n")
         fsync_dir(final)
 
     previous = latest_checkpoint(ckpt_output_dir)
-    kept = f"the previous full state, {previous}, is intact" if previous else "there is no earlier full state"
+    kept = (f"the previous full state, {previous}, is intact (a run started again resumes from it)" if previous
+            else "there is no earlier full state (a run started again starts from the beginning)")
     try:
         write_collectively(prepare, world, final, main_only=True, kept=kept)
         write_collectively(write_rank_files, world, final, kept=kept)
@@ -98,7 +111,7 @@ def save_full_state(ckpt_output_dir: str | Path, backend, scheduler, sampler, pr
                 shutil.rmtree(final, ignore_errors=True)
         raise
     if world.is_main:
-        for old in complete_checkpoints(ckpt_output_dir)[:-1]:
+        for old in complete_checkpoints(ckpt_output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("saved full training state %s", final)
     barrier(world)
@@ -158,13 +171,33 @@ def _load_rng(path: Path) -> None:
 
 # ------------------------------------------------------------------ resuming
 
+@dataclass(frozen=True)
+class LauncherChoice:
+    """The full state the launcher verified and chose to resume; None: a fresh start."""
+    checkpoint: str | None
+
+
 def resume(ckpt_output_dir: str | Path, backend, scheduler, sampler, fingerprint: dict[str, str],
-           world: World) -> tuple[Progress, Path | None]:
-    """Loads the newest complete full-state checkpoint into the backend, the schedule, the
-    sampler and this rank's random generators; a fresh Progress when there is none. Every
-    rank must see the same checkpoint (ckpt_output_dir on a shared filesystem)."""
+           world: World, *, dataset: DatasetSummary | None = None, choice: LauncherChoice | None = None
+           ) -> tuple[Progress, Path | None]:
+    """Loads the newest complete full-state checkpoint that verifies (resumable.py) into the
+    backend, the schedule, the sampler and this rank's random generators; a fresh Progress
+    when there is none. Every rank must see the same checkpoint (ckpt_output_dir on a shared
+    filesystem). With the launcher's `choice`, that one (already verified) is loaded, and a
+    checkpoint directory changed since is refused; without, rank 0 chooses and verifies."""
     check_shared(ckpt_output_dir, world)
-    checkpoint, state = resumable(ckpt_output_dir, fingerprint)
+    if world.is_main and choice is None:
+        select_checkpoint(ckpt_output_dir)  # sets damaged newer ones aside
+    barrier(world)
+    checkpoint = latest_checkpoint(ckpt_output_dir)
+    if choice is not None and str(checkpoint) != str(choice.checkpoint):
+        raise ResumeError(f"the newest full state in {full_state_root(ckpt_output_dir)} is "
+                          f"{checkpoint or 'none'}, not {choice.checkpoint or 'none'} as when the launcher checked: "
+                          "another run writes into this ckpt_output_dir")
+    state = read_trainer_state(checkpoint) if checkpoint is not None else None
+    if state is not None:
+        check_fingerprint(state.fingerprint, fingerprint, checkpoint, saved_dataset=state.dataset,
+                          our_dataset=dataset)
     step = step_of(checkpoint) if checkpoint is not None else -1
     highest, lowest = all_reduce([step, -step], world, op="max")
     if highest != -lowest:
@@ -178,9 +211,8 @@ def resume(ckpt_output_dir: str | Path, backend, scheduler, sampler, fingerprint
         scheduler.load_state_dict(state.scheduler)
         sampler.load_state_dict(state.sampler)
         _load_rng(checkpoint / f"rng_rank{world.rank:05d}.pt")
-    except (OSError, RuntimeError, KeyError, TypeError) as e:  # a file missing or cut short, a field missing
-        raise ResumeError(f"{checkpoint} is damaged ({type(e).__name__}: {e}); delete it to resume from an earlier "
-                          f"one, or start fresh by moving {checkpoint.parent} away") from e
+    except (OSError, RuntimeError, KeyError, TypeError) as e:  # what the checksums cannot see (or were not kept)
+        raise ResumeError(f"{checkpoint} is damaged ({type(e).__name__}: {e}); {fallback_advice(checkpoint)}") from e
     progress = state.progress
     log.info("resumed from %s: step %d, %d samples seen, epoch %d step %d next", checkpoint, progress.step,
              progress.samples, sampler.epoch, sampler.step)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ...config import LoraOptions
-from ...fileio import directory_written_aside
+from ...fileio import directory_written_aside, remove_stale_temporaries
 from ..backends import Backend
 from ..distributed import World
 from ..model.layers import hf_model
@@ -33,6 +33,7 @@ def save_hf_checkpoint(backend: Backend, tokenizer, directory: Path, world: Worl
     dtype = backend.precision.checkpoint
 
     def write() -> None:
+        remove_stale_temporaries(directory)  # left by a run that was killed while saving
         with directory_written_aside(directory) as tmp:
             if lora is not None:
                 save_lora_checkpoint(backend.model, state, tokenizer, tmp, save_merged=lora.save_merged_model,

@@ -1,11 +1,11 @@
-"""Which full-state checkpoint a run would resume, and whether it may: the checkpoints' names
-and completeness marks, the trainer state (a typed document) and the fingerprint of what a
-run trains. No torch here: the launcher refuses a run that cannot resume before any worker
-starts, and the workers check again.
+"""What a full-state checkpoint says about the run that saved it, and whether this run may
+resume it: the trainer state (a typed document), the fingerprint of what a run trains, and
+a summary of its dataset in words. No torch here: the launcher refuses a run that cannot
+resume before anything is written or any worker starts, and the workers check again.
 
 `ckpt_output_dir/full_state/step_<N>/` holds, after optimizer step N, `model/` (the backend's
-files), `rng_rank<R>.pt`, `trainer_state.json` and, written last, `COMPLETE`
-(full_state.py writes them).
+files), `rng_rank<R>.pt`, `trainer_state.json` and, written last, `COMPLETE` with every
+file's checksum (full_state.py writes them; resumable.py finds and verifies them).
 """
 
 from __future__ import annotations
@@ -43,6 +43,30 @@ class Progress(msgspec.Struct):
         return cls(0, 0, 0, 0.0)
 
 
+class DatasetSummary(msgspec.Struct, kw_only=True):
+    """The dataset a run trains, in words a person recognises (for messages), with the
+    identity the fingerprint compares."""
+    directory: str
+    identity: str  # dataset_identity: what the fingerprint compares
+    samples: int
+    tokens: int
+    source: str | None = None  # the JSONL file it was made from (None: synthetic)
+    source_sha256: str | None = None
+    preprocess_fingerprint: str | None = None  # what preprocessing would make of the same inputs
+
+    @classmethod
+    def of(cls, directory: str | Path, manifest: Manifest) -> DatasetSummary:
+        return cls(directory=str(directory), identity=dataset_identity(manifest),
+                   samples=sum(s.samples for s in manifest.shards), tokens=sum(s.tokens for s in manifest.shards),
+                   source=manifest.source.path if manifest.source else None,
+                   source_sha256=manifest.source.sha256 if manifest.source else None,
+                   preprocess_fingerprint=manifest.fingerprint)
+
+    def describe(self) -> str:
+        made = f"made from {self.source} (sha256 {self.source_sha256[:12]})" if self.source else "synthetic"
+        return f"{self.directory}, {made}: {self.samples:,} samples, {self.tokens:,} tokens"
+
+
 class TrainerState(msgspec.Struct, kw_only=True):
     """trainer_state.json: where the run was, and what it trained."""
     format: str = FORMAT
@@ -52,23 +76,28 @@ class TrainerState(msgspec.Struct, kw_only=True):
     sampler: dict[str, int]  # MultipackSampler.state_dict(): the planner position
     scheduler: dict[str, Any]  # the learning-rate schedule's state_dict()
     fingerprint: dict[str, str]  # run_fingerprint of the run that saved it
+    dataset: DatasetSummary | None = None  # the dataset it trained (None in checkpoints of 0.1.0)
 
 
 # ------------------------------------------------------------------ fingerprint
 
-def run_fingerprint(args: TrainingArgs, manifest: Manifest, world_size: int) -> dict[str, str]:
+def dataset_identity(manifest: Manifest) -> str:
+    """The samples a dataset holds, by its shards' checksums (not their names or paths)."""
+    return _digest([{"samples": s.samples, "tokens": s.tokens, "checksum": s.checksum} for s in manifest.shards])
+
+
+def run_fingerprint(args: TrainingArgs, manifest: Manifest | None, world_size: int) -> dict[str, str]:
     """What a resumed run must share with the run that saved, field by field: the model, the
     data, and every setting that shapes the sequence of updates. Settings that do not
     (max_batch_len, checkpoint and logging options, paths) may change between runs:
-    lowering max_batch_len after running out of memory is a reason to resume."""
+    lowering max_batch_len after running out of memory is a reason to resume. Without a
+    manifest (before the dataset is prepared), everything but the dataset."""
     lora = None if args.lora is None else msgspec.to_builtins(args.lora)
     backend = args.distributed_backend
     layout = {DistributedBackend.FSDP: args.fsdp_options.sharding_strategy.value,
               DistributedBackend.DEEPSPEED: f"ZeRO-{args.deepspeed_options.zero_stage}"}.get(backend, "replicated")
-    return {
+    fingerprint = {
         "model": _model_fingerprint(args.model_path),
-        "dataset": _digest([{"samples": s.samples, "tokens": s.tokens, "checksum": s.checksum}
-                            for s in manifest.shards]),
         "effective_batch_size": str(args.effective_batch_size),
         "num_epochs": str(args.num_epochs),
         "random_seed": str(args.random_seed),
@@ -79,6 +108,9 @@ def run_fingerprint(args: TrainingArgs, manifest: Manifest, world_size: int) -> 
         "distributed_backend": f"{backend.value} ({layout})",
         "world_size": str(world_size),
     }
+    if manifest is not None:
+        fingerprint["dataset"] = dataset_identity(manifest)
+    return fingerprint
 
 
 def _model_fingerprint(model_path: str) -> str:
@@ -97,39 +129,22 @@ def _digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_fingerprint(saved: dict[str, str], ours: dict[str, str], checkpoint: Path) -> None:
+def check_fingerprint(saved: dict[str, str], ours: dict[str, str], checkpoint: Path, *,
+                      saved_dataset: DatasetSummary | None = None, our_dataset: DatasetSummary | None = None) -> None:
+    """Raises ResumeError naming every field this run changed (the fields of `ours` only).
+    The dataset is named in words when both summaries are known."""
     changed = [k for k in ours if saved.get(k) != ours[k]]
     if changed:
-        what = "; ".join(f"{k}: the checkpoint has {saved.get(k)!r}, this run {ours[k]!r}" for k in changed)
+        def words(k: str) -> str:
+            if k == "dataset" and saved_dataset is not None and our_dataset is not None:
+                return (f"dataset: the checkpoint trained {saved_dataset.describe()}; this run has "
+                        f"{our_dataset.describe()}")
+            return f"{k}: the checkpoint has {saved.get(k)!r}, this run {ours[k]!r}"
+
         raise ResumeError(
-            f"cannot resume from {checkpoint}: this run differs from the one that saved it ({what}). Run with the "
-            f"same model, data and settings to resume, or start fresh: delete or move {checkpoint.parent}, or "
-            "use another ckpt_output_dir")
-
-
-# ------------------------------------------------------------------ finding
-
-def full_state_root(ckpt_output_dir: str | Path) -> Path:
-    return Path(ckpt_output_dir) / FULL_STATE
-
-
-def step_of(directory: Path) -> int | None:
-    name = directory.name
-    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
-
-
-def complete_checkpoints(ckpt_output_dir: str | Path) -> list[Path]:
-    """Complete full-state checkpoints, oldest first."""
-    root = full_state_root(ckpt_output_dir)
-    if not root.is_dir():
-        return []
-    found = [(step_of(d), d) for d in root.iterdir() if d.is_dir() and (d / COMPLETE).is_file()]
-    return [d for step, d in sorted((s, d) for s, d in found if s is not None)]
-
-
-def latest_checkpoint(ckpt_output_dir: str | Path) -> Path | None:
-    found = complete_checkpoints(ckpt_output_dir)
-    return found[-1] if found else None
+            f"cannot resume from {checkpoint}: this run differs from the one that saved it "
+            f"({'; '.join(words(k) for k in changed)}). Run with the same model, data and settings to resume, or start "
+            f"fresh: move {checkpoint.parent} away, or use another ckpt_output_dir")
 
 
 def encode_trainer_state(state: TrainerState) -> str:
@@ -142,30 +157,11 @@ def read_trainer_state(checkpoint: Path) -> TrainerState:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise ResumeError(f"{path}: unreadable ({e}); the checkpoint is damaged: delete {checkpoint} to resume "
-                          "from the one before it, or start fresh") from None
+        raise ResumeError(f"{path}: unreadable ({e}); the checkpoint is damaged") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("format_version") != FORMAT_VERSION:
         raise ResumeError(f"{path}: not an instructpack full-state checkpoint of format {FORMAT_VERSION}; move "
                           f"{checkpoint.parent} away to start fresh")
     try:
         return convert_document(data, TrainerState)
     except DocumentError as e:
-        raise ResumeError(f"{checkpoint} is damaged ({path.name}: {e}); delete it to resume from an earlier one, "
-                          f"or start fresh by moving {checkpoint.parent} away") from None
-
-
-def check_resumable(ckpt_output_dir: str | Path, fingerprint: dict[str, str]) -> Path | None:
-    """The newest complete checkpoint, after checking that this run may resume it; None if
-    there is none (a fresh start)."""
-    checkpoint, _ = resumable(ckpt_output_dir, fingerprint)
-    return checkpoint
-
-
-def resumable(ckpt_output_dir: str | Path, fingerprint: dict[str, str]) -> tuple[Path | None, TrainerState | None]:
-    """The newest complete checkpoint and its trainer state, fingerprint checked."""
-    checkpoint = latest_checkpoint(ckpt_output_dir)
-    if checkpoint is None:
-        return None, None
-    state = read_trainer_state(checkpoint)
-    check_fingerprint(state.fingerprint, fingerprint, checkpoint)  # world size included: files are per rank
-    return checkpoint, state
+        raise ResumeError(f"{checkpoint} is damaged ({path.name}: {e})") from None

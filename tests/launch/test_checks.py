@@ -1,0 +1,80 @@
+"""What run_training refuses before any work: directories that would let one output destroy
+another, and settings changed after the objects were built. Nothing is written, no worker
+starts (torchrun is replaced by a command that fails the test if it runs)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+import instructpack.launch.run as launcher
+from instructpack import ConfigError, PathExistsError, TorchrunArgs, TrainingArgs, run_training
+from instructpack.demo.example import generate_fact_conversations, write_jsonl
+
+
+@pytest.fixture
+def no_workers(monkeypatch):
+    monkeypatch.setattr(launcher, "torchrun_command",
+                        lambda *a: [sys.executable, "-c", "raise SystemExit('torchrun must not start')"])
+
+
+def args(tmp_path, model, **kw) -> TrainingArgs:
+    data = tmp_path / "chat.jsonl"
+    if not data.exists():
+        write_jsonl(data, generate_fact_conversations(16, seed=0))
+    base = dict(model_path=str(model), data_path=str(data), ckpt_output_dir=str(tmp_path / "ckpt"),
+                data_output_dir=str(tmp_path / "data"), max_seq_len=512, max_batch_len=1024,
+                effective_batch_size=4, learning_rate=1e-3, data_process_num_cpu_procs=1)
+    return TrainingArgs(**{**base, **kw})
+
+
+@pytest.mark.parametrize("data_output_dir", ["ckpt", "ckpt/data", "."])
+def test_a_dataset_directory_overlapping_the_checkpoints_is_refused(tmp_path, valid_model, no_workers,
+                                                                    data_output_dir):
+    # "." contains ckpt_output_dir, "ckpt/data" lies inside it, "ckpt" is it: a dataset written
+    # there could replace the checkpoints, or the checkpoints the dataset.
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "precious.safetensors").write_bytes(b"weights")
+    with pytest.raises(ConfigError, match="training_args.data_output_dir = .*equals, contains or lies inside "
+                                          "ckpt_output_dir"):
+        run_training(TorchrunArgs(), args(tmp_path, valid_model, data_output_dir=str(tmp_path / data_output_dir)))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["precious.safetensors"]
+
+
+def test_an_input_inside_the_dataset_directory_is_refused(tmp_path, valid_model, no_workers):
+    (tmp_path / "data").mkdir()
+    raw = write_jsonl(tmp_path / "data" / "my_raw.jsonl", generate_fact_conversations(16, seed=0))
+    with pytest.raises(ConfigError, match="training_args.data_path = .*lies inside data_output_dir"):
+        run_training(TorchrunArgs(), args(tmp_path, valid_model, data_path=str(raw)))
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["my_raw.jsonl"]
+
+
+@pytest.mark.parametrize("field", ["ckpt_output_dir", "data_output_dir"])
+def test_an_output_directory_that_is_a_file_is_named(tmp_path, valid_model, no_workers, field):
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(PathExistsError, match=f"training_args.{field} = .*a-file.*is a file; give a directory"):
+        run_training(TorchrunArgs(), args(tmp_path, valid_model, **{field: str(tmp_path / "a-file")}))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: setattr(a, "max_batch_len", 16), r"training_args.max_batch_len = 16: must be >= max_seq_len \(512\)"),
+    (lambda a: setattr(a, "learning_rate", -1.0), "training_args.learning_rate = -1.0: must be a finite number > 0"),
+    (lambda a: setattr(a.fsdp_options, "sharding_strategy", "EVERYWHERE"),
+     "training_args.fsdp_options.sharding_strategy = 'EVERYWHERE': expected one of"),
+    (lambda a: setattr(a, "num_epochs", "three"), "training_args.num_epochs = 'three': expected an integer"),
+])
+def test_a_setting_changed_after_construction_is_checked_at_the_call(tmp_path, valid_model, no_workers, change,
+                                                                       match):
+    training_args = args(tmp_path, valid_model)
+    change(training_args)  # the objects are mutable, and clients set fields after building them
+    with pytest.raises(ConfigError, match=match):
+        run_training(TorchrunArgs(), training_args)
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "data").exists()
+
+
+def test_torchrun_args_changed_after_construction_are_checked_too(tmp_path, valid_model, no_workers):
+    torchrun_args = TorchrunArgs()
+    torchrun_args.node_rank = 3
+    with pytest.raises(ConfigError, match=r"torchrun_args.node_rank = 3: must be in \[0, nnodes\)"):
+        run_training(torchrun_args, args(tmp_path, valid_model))
