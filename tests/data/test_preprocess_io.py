@@ -386,3 +386,26 @@ def test_the_command_line_ends_quietly_on_ctrl_c(tmp_path, tokenizer_dirs):
     assert proc.returncode == 130, err.decode()[-2000:]
     assert b"Traceback" not in err and err.decode().strip().endswith("interrupted")
     assert not (tmp_path / "out").exists()  # what it had written is gone with it
+
+
+def test_two_preprocessings_into_one_directory_run_one_after_the_other(tmp_path, tokenizer_dirs):
+    """Another node, another run: the second waits for the first, then reuses its dataset;
+    nothing ever reads a half-written one."""
+    from instructpack.demo.example import generate_conversations, write_jsonl
+
+    data = write_jsonl(tmp_path / "in.jsonl", generate_conversations(6000, seed=2))
+    command = [sys.executable, "-m", "instructpack.cli", "preprocess", "--data-path", str(data), "--data-output-path",
+               str(tmp_path / "out"), "--model-path", str(tokenizer_dirs["chatml"]), "--max-seq-len", "4096",
+               "--num-cpu-procs", "1", "--no-progress"]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    assert [code for _, _, code in results] == [0, 0], results
+    said = sorted(out.split()[0] for out, _, _ in results)
+    assert said == ["reused", "wrote"]
+    second = next(i for i, (out, _, _) in enumerate(results) if out.startswith("reused"))
+    waited = results[second][1]  # its stderr names the first (pid, host, start time) while it waits
+    assert "waiting for preprocessing of" in waited and f"pid {procs[1 - second].pid}" in waited
+    dataset = load_dataset(tmp_path / "out", verify=True)
+    assert len(dataset) == 6000 - dataset.manifest.counts.dropped["too_long"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["manifest.json", *(s.file for s in dataset.manifest.shards)])  # one dataset, nothing else left

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from instructpack import TorchrunArgs, TrainingArgs, TrainingError, run_training
 from instructpack.demo.example import build_tiny_model, generate_fact_conversations, write_jsonl
-from instructpack.errors import ResumeError
+from instructpack.errors import DirectoryInUseError, ResumeError
 from instructpack.train.checkpoints.resumable import complete_checkpoints, latest_checkpoint
 from instructpack.train.metrics import read_metrics
 
@@ -214,3 +214,57 @@ def test_stop_signal_saves_the_state_and_the_run_resumes(workspace, tmp_path, ta
 
     run_training(TorchrunArgs(nproc_per_node=2), args)  # no stop now: runs to the end
     assert_same_run(out, reference(workspace, "ddp", distributed_backend="ddp"))
+
+
+def _job_processes(launcher_pid: int) -> list[int]:
+    """torchrun and the workers a launcher started (they carry its pid in their environment)."""
+    mark = f"INSTRUCTPACK_LAUNCHER_PID={launcher_pid}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and mark in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_a_launcher_killed_alone_takes_its_job_with_it_and_a_rerun_resumes_exactly(workspace, tmp_path):
+    """kill -9 of the user's process (the OOM killer does this) leaves no torchrun and no
+    worker behind to train on unwatched; a second run into the same directory is refused
+    while the first lives; the same call made again at once resumes exactly."""
+    expected = reference(workspace, "ddp", distributed_backend="ddp")
+    args = training_args(workspace, "launcher-killed", distributed_backend="ddp")
+    script = tmp_path / "run.py"
+    script.write_text("import msgspec\n"
+                      "from instructpack import TorchrunArgs, TrainingArgs, run_training\n"
+                      f"args = msgspec.json.decode({msgspec.json.encode(args).decode()!r}, type=TrainingArgs)\n"
+                      "run_training(TorchrunArgs(nproc_per_node=2), args)\n")
+    with pytest.MonkeyPatch.context() as m:  # slow steps, the same math
+        inject(m, tmp_path / "slow", "time.sleep(0.4)", ranks=("0", "1"))
+        env = dict(os.environ)
+    launcher = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env)
+    seen = []
+    for line in launcher.stdout:
+        seen.append(line)
+        if "step 4/" in line:  # the full state of step 3 is saved
+            break
+    assert len(_job_processes(launcher.pid)) >= 3, "".join(seen[-20:])  # torchrun and two workers
+
+    with pytest.raises(DirectoryInUseError, match=rf"launcher-killed is in use by run_training \(host .*, pid "
+                                                  rf"{launcher.pid}, started"):
+        run_training(TorchrunArgs(nproc_per_node=2), args)
+
+    launcher.kill()  # SIGKILL to the launcher alone
+    launcher.wait()
+    deadline = time.monotonic() + 15
+    while _job_processes(launcher.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _job_processes(launcher.pid) == [], "processes of the job outlived their launcher"
+    out = Path(args.ckpt_output_dir)
+    assert latest_checkpoint(out).name in ("step_3", "step_5")  # nothing half-written looks complete
+
+    run_training(TorchrunArgs(nproc_per_node=2), args)  # at once: no port, lock or worker is left in the way
+    assert "resumed from" in (out / "training.log").read_text()
+    assert_same_run(out, expected)

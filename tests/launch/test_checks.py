@@ -1,16 +1,24 @@
 """What run_training refuses before any work: directories that would let one output destroy
-another, and settings changed after the objects were built. Nothing is written, no worker
-starts (torchrun is replaced by a command that fails the test if it runs)."""
+another, settings changed after the objects were built, and a directory another run works
+in. Nothing is written, no worker starts (torchrun is replaced by a stand-in)."""
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
 import sys
 
 import pytest
 
 import instructpack.launch.run as launcher
-from instructpack import ConfigError, PathExistsError, TorchrunArgs, TrainingArgs, run_training
+from instructpack import ConfigError, DirectoryInUseError, PathExistsError, TorchrunArgs, TrainingArgs, run_training
 from instructpack.demo.example import generate_fact_conversations, write_jsonl
+
+
+@pytest.fixture
+def stub_workers(monkeypatch):
+    monkeypatch.setattr(launcher, "torchrun_command", lambda *a: [sys.executable, "-c", "pass"])
 
 
 @pytest.fixture
@@ -78,3 +86,60 @@ def test_torchrun_args_changed_after_construction_are_checked_too(tmp_path, vali
     torchrun_args.node_rank = 3
     with pytest.raises(ConfigError, match=r"torchrun_args.node_rank = 3: must be in \[0, nnodes\)"):
         run_training(torchrun_args, args(tmp_path, valid_model))
+
+
+# --- one run per ckpt_output_dir (launch/ownership.py) ----------------------------------------------------------
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from instructpack import locks
+with locks.exclusive(Path(sys.argv[1]), locks.holder_note("run_training")):
+    print("holding", flush=True)
+    time.sleep(120)
+"""
+
+
+def _hold_run_lock(ckpt_dir):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(ckpt_dir / ".instructpack-run.lock")],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "holding"
+    return proc
+
+
+def test_a_second_run_into_the_same_directory_is_refused_naming_the_first(tmp_path, valid_model, stub_workers):
+    (tmp_path / "ckpt").mkdir()
+    first = _hold_run_lock(tmp_path / "ckpt")
+    try:
+        with pytest.raises(DirectoryInUseError, match=rf"{tmp_path / 'ckpt'} is in use by run_training \(host "
+                                                      rf"{socket.gethostname()}, pid {first.pid}, started 20"):
+            run_training(TorchrunArgs(), args(tmp_path, valid_model))
+        assert not (tmp_path / "data").exists()  # refused before any work
+    finally:
+        first.kill()
+        first.wait()
+    run_training(TorchrunArgs(), args(tmp_path, valid_model))  # its lock went with it
+
+
+def test_a_lock_left_by_a_run_that_died_does_not_block(tmp_path, valid_model, stub_workers):
+    (tmp_path / "ckpt").mkdir()
+    note = {"host": socket.gethostname(), "pid": 999999999, "started": "2026-01-01 00:00:00", "what": "run_training"}
+    (tmp_path / "ckpt" / ".instructpack-run.lock").write_text(json.dumps(note))  # a note, but no lock held
+    run_training(TorchrunArgs(), args(tmp_path, valid_model))
+    assert (tmp_path / "ckpt" / "job.json").is_file()
+
+
+def test_workers_that_outlived_their_launcher_block_the_next_run(tmp_path, valid_model, stub_workers):
+    (tmp_path / "ckpt").mkdir()
+    survivor = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                                 "from instructpack.locks import hold_shared_until_exit; "
+                                 "hold_shared_until_exit(Path(sys.argv[1])); print('up', flush=True); time.sleep(120)",
+                                 str(tmp_path / "ckpt" / ".instructpack-workers.lock")], stdout=subprocess.PIPE,
+                                text=True)
+    assert survivor.stdout.readline().strip() == "up"
+    try:
+        with pytest.raises(DirectoryInUseError, match="worker processes of an earlier run that are still alive"):
+            run_training(TorchrunArgs(), args(tmp_path, valid_model))
+    finally:
+        survivor.kill()
+        survivor.wait()

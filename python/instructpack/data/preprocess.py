@@ -12,6 +12,7 @@ that looks whole, and never touches what was there.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import multiprocessing
 import os
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import locks
 from ..config import DataProcessArgs
 from ..errors import (
     ChatTemplateError,
@@ -48,6 +50,8 @@ from .manifest import (
 from .shards import ShardSequenceWriter, token_dtype_for
 from .writing import DatasetWrite, dataset_write, existing_manifest
 
+PREPROCESS_LOCK = ".instructpack-preprocess.lock"  # in the output directory while one writes
+PREPROCESS_WAIT_S = 2 * 3600.0
 CHUNK_LINES = 256
 CHUNK_BYTES = 1 << 20
 MAX_REPORTED_INVALID = 20
@@ -110,21 +114,33 @@ def preprocess(args: DataProcessArgs, progress: bool | None = None, shard_tokens
 
 def run_preprocessing(plan: PreprocessPlan, progress: bool | None = None, shard_tokens: int | None = None
                       ) -> PreprocessResult:
+    """Writes the dataset, or reuses the one there. One preprocessing per directory at a time
+    (another run's, another machine's): a second one waits for the first (up to
+    INSTRUCTPACK_PREPROCESS_WAIT_S seconds, default 2 hours), then reuses what it made."""
     if plan.reusable:
         return PreprocessResult(plan.output_path, plan.existing, reused=True)
     start = time.perf_counter()
     out = plan.output_path
+    wait_s = float(os.environ.get("INSTRUCTPACK_PREPROCESS_WAIT_S", PREPROCESS_WAIT_S))
     try:
-        with dataset_write(out) as write:
-            manifest, invalid_examples = _process(plan, write, progress, shard_tokens)
-            manifest.fingerprint = plan.fingerprint
-            manifest.elapsed_s = round(time.perf_counter() - start, 3)
-            write.commit(manifest)
+        with locks.exclusive(out / PREPROCESS_LOCK, locks.holder_note(f"preprocessing of {plan.data_path}"),
+                             wait_s=wait_s, waiting=f"preprocessing into {out}"):
+            existing = existing_manifest(out)  # what a preprocessing we waited for made
+            if existing is not None and existing.fingerprint == plan.fingerprint and not plan.args.overwrite:
+                return PreprocessResult(out, existing, reused=True)
+            with dataset_write(out) as write:
+                manifest, invalid_examples = _process(plan, write, progress, shard_tokens)
+                manifest.fingerprint = plan.fingerprint
+                manifest.elapsed_s = round(time.perf_counter() - start, 3)
+                write.commit(manifest)
     except OSError as e:
         if isinstance(e, InstructPackError):
             raise
         raise WriteError(f"could not write the dataset into {out}: {e}; what was there is intact. Free space on "
                          "that disk or choose another data_output_path") from e
+    finally:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only if it is empty: a first preprocessing that failed leaves nothing
     return PreprocessResult(out, manifest, invalid_examples=invalid_examples)
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import locks
 from .manifest import Manifest, SyntheticInfo, TokenizerInfo
+from .preprocess import PREPROCESS_LOCK, PREPROCESS_WAIT_S
 from .shards import ShardSequenceWriter, TokenDataset, load_dataset, token_dtype_for
 from .writing import dataset_write
 
@@ -38,7 +40,8 @@ def write_synthetic_dataset(out: str | Path, lengths: np.ndarray, vocab_size: in
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
     trained_counts = np.add.reduceat(mask.astype(np.int64), starts)
 
-    with dataset_write(out) as write:
+    with locks.exclusive(out / PREPROCESS_LOCK, locks.holder_note("writing a synthetic dataset"),
+                         wait_s=PREPROCESS_WAIT_S), dataset_write(out) as write:
         writer = ShardSequenceWriter(write.directory, dtype, write.shard_name)
         writer.append(tokens, mask, lengths.astype(np.uint32), trained_counts.astype(np.uint32),
                       np.arange(1, len(lengths) + 1))

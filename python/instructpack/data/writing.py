@@ -11,8 +11,7 @@ one whole. Only then are the previous dataset's shards (those its manifest lists
 A process killed while writing leaves a journal, `.instructpack-writing-<generation>`
 (its pid and host inside), next to the shards it was writing. The next write into the
 directory removes, for each journal whose process is gone, the files of that generation
-and the journal: exactly what the dead process wrote, nothing else. A directory that a
-write created and that is empty again when it fails is removed too.
+and the journal: exactly what the dead process wrote, nothing else.
 """
 
 from __future__ import annotations
@@ -62,9 +61,10 @@ class DatasetWrite:
 @contextlib.contextmanager
 def dataset_write(directory: str | Path) -> Iterator[DatasetWrite]:
     """A new dataset for `directory`; call `commit(manifest)` on it inside the block. If the
-    block raises (or never commits), everything this write put there is removed again."""
+    block raises (or never commits), everything this write put there is removed again. The
+    caller holds the directory's preprocessing lock (preprocess.py), so no other write is
+    under way in it."""
     directory = Path(directory)
-    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     remove_abandoned_writes(directory)
     write = DatasetWrite(directory, uuid.uuid4().hex[:12])
@@ -74,9 +74,6 @@ def dataset_write(directory: str | Path) -> Iterator[DatasetWrite]:
     finally:
         if write.journal.exists():  # not committed
             write.abandon()
-            if created:
-                with contextlib.suppress(OSError):
-                    directory.rmdir()  # only if empty: nothing of anyone else's is removed
 
 
 def existing_manifest(directory: Path) -> Manifest | None:

@@ -19,13 +19,17 @@ from ..config import TorchrunArgs, TrainingArgs, config_from_dict
 from ..data.manifest import read_manifest
 from ..train.checkpoints.identity import DatasetSummary, check_fingerprint, run_fingerprint
 from ..train.checkpoints.resumable import select_checkpoint
-from ..train.job import JOB_FILE, JobConfig, write_job
+from ..train.job import JobConfig, job_file, write_job
 from .checks import check_before_launch
 from .dataset import prepare_dataset
 from .diagnosis import diagnose
+from .ownership import own_output_dir
 from .torchrun import run_logged, stop_requests, stopped, torchrun_command, worker_env
 
-LOG_FILE = "training.log"
+
+def log_file(node_rank: int) -> str:
+    """In ckpt_output_dir: one per machine of the job (they may share the directory)."""
+    return "training.log" if node_rank == 0 else f"training-node{node_rank}.log"
 
 
 def run_training(torchrun_args: TorchrunArgs | Mapping | None = None,
@@ -40,9 +44,15 @@ def run_training(torchrun_args: TorchrunArgs | Mapping | None = None,
         raise TypeError("run_training() needs training_args (a TrainingArgs)")
     torchrun_args = torchrun_args or TorchrunArgs()
     world_size = check_before_launch(torchrun_args, training_args)
-
     out = Path(training_args.ckpt_output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with own_output_dir(out, torchrun_args):  # one run per ckpt_output_dir (ownership.py)
+        _run(torchrun_args, training_args, world_size, out)
+
+
+def _run(torchrun_args: TorchrunArgs, training_args: TrainingArgs, world_size: int, out: Path) -> None:
+    """The run itself, in the output directory this launcher owns: resume checks, the
+    dataset, the job file, then torchrun until it ends."""
     # A run that cannot resume the newest full state that verifies is refused before
     # anything is written: first by the settings and the model, then (dataset.py) by the
     # data it would preprocess, then by the dataset it has.
@@ -56,11 +66,11 @@ def run_training(torchrun_args: TorchrunArgs | Mapping | None = None,
         check_fingerprint(state.fingerprint, run_fingerprint(training_args, manifest, world_size), checkpoint,
                           saved_dataset=state.dataset, our_dataset=dataset)
     status_dir = Path(tempfile.mkdtemp(prefix=".run-", dir=out))
-    job = write_job(out / JOB_FILE, JobConfig(
+    job = write_job(out / job_file(torchrun_args.node_rank), JobConfig(
         training_args=training_args, dataset_path=str(dataset_path), dataset_identity=dataset.identity,
         status_dir=str(status_dir), resume_from=str(checkpoint) if checkpoint else None, resume_checked=True,
-        progress_bar=sys.stderr.isatty()))
-    log_path = out / LOG_FILE
+        node_rank=torchrun_args.node_rank, progress_bar=sys.stderr.isatty()))
+    log_path = out / log_file(torchrun_args.node_rank)
     try:
         with stop_requests(status_dir):
             exit_code, tail = run_logged(torchrun_command(torchrun_args, job, status_dir), worker_env(torchrun_args),

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..config import TorchrunArgs
 from ..errors import TrainingStopped
+from ..lifetime import LAUNCHER_PID, dies_with_this_process
 from ..train.job import STOP_SIGNALS, read_stopped, request_stop, stop_requested
 
 TAIL_LINES = 30
@@ -41,6 +42,7 @@ def torchrun_command(t: TorchrunArgs, job_path: Path, status_dir: Path | None = 
 
 def worker_env(t: TorchrunArgs) -> dict[str, str]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env[LAUNCHER_PID] = str(os.getpid())  # a worker whose launcher is gone ends at once (lifetime.py)
     if "OMP_NUM_THREADS" not in env and isinstance(t.nproc_per_node, int):
         # torchrun would set 1 thread per process; on CPU the cores are better shared out.
         env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // t.nproc_per_node))
@@ -56,7 +58,8 @@ def run_logged(cmd: list[str], env: dict[str, str], log_path: Path) -> tuple[int
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
         log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+        # torchrun, and through it every worker, is killed when this process dies (lifetime.py).
+        proc = subprocess.Popen(dies_with_this_process(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)  # our Ctrl-C handling decides how workers stop
 
         def log_line(raw: bytes) -> None:

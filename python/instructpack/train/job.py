@@ -3,7 +3,8 @@ to each other: files, each a typed document, and the names they go by. The launc
 writes the job and may write a stop request; a worker writes how it failed, and rank 0 how
 a requested stop ended. No torch here.
 
-- `ckpt_output_dir/job.json` (JobConfig): what to train; torchrun runs
+- `ckpt_output_dir/job.json` (JobConfig; `job-node<k>.json` on node k > 0): what to train;
+  torchrun runs
   `python -m instructpack.train.worker job.json STATUS_DIR` (the status directory is given
   on the command line too, so that a worker that cannot even read the job can say why).
 - In the job's private status directory:
@@ -12,6 +13,9 @@ a requested stop ended. No torch here.
   - `rank<N>.json` (FailureRecord): rank N raised; the launcher reports the first one.
   - `stopped.json` (StopRecord): the run stopped on request, after which step, with its
     full state where.
+- `ckpt_output_dir/.instructpack-workers.lock` (`-node<k>` on node k > 0): every worker holds
+  a shared lock on it while it lives, so the launcher of a later run on that machine can
+  tell that workers of this one survive.
 """
 
 from __future__ import annotations
@@ -26,10 +30,19 @@ import msgspec
 from ..config import TrainingArgs
 from ..fileio import replace_file
 
-JOB_FILE = "job.json"
 STOP_FILE = "STOP"
 STOPPED_FILE = "stopped.json"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # ask a run to save its state and stop
+
+
+def job_file(node_rank: int) -> str:
+    """In ckpt_output_dir: one per machine of the job (they may share the directory)."""
+    return "job.json" if node_rank == 0 else f"job-node{node_rank}.json"
+
+
+def workers_lock(node_rank: int) -> str:
+    """In ckpt_output_dir: every worker of that machine holds it (shared) while it lives."""
+    return ".instructpack-workers.lock" if node_rank == 0 else f".instructpack-workers-node{node_rank}.lock"
 
 
 class JobConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -43,6 +56,7 @@ class JobConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # `resume_checked`; otherwise the workers choose (and verify) themselves.
     resume_from: str | None = None
     resume_checked: bool = False
+    node_rank: int = 0  # the machine this job file is for
     progress_bar: bool = False  # the launcher's console is a terminal
 
 

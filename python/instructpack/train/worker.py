@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,10 +22,12 @@ import torch
 from ..config import DistributedBackend
 from ..data.shards import load_dataset
 from ..errors import DatasetError
+from ..lifetime import die_with_parent
+from ..locks import hold_shared_until_exit
 from .checkpoints.full_state import LauncherChoice
 from .checkpoints.identity import dataset_identity
 from .distributed import World, init_distributed, shutdown
-from .job import JobConfig, StopRecord, read_job, write_failure, write_stopped
+from .job import JobConfig, StopRecord, read_job, workers_lock, write_failure, write_stopped
 from .loop import TrainResult, train
 from .model.load import load_model, load_tokenizer
 from .precision import decide_precision
@@ -75,11 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     """argv: the job file, and the status directory (where a failure is recorded even when
     the job file cannot be read)."""
     argv = sys.argv[1:] if argv is None else argv
+    die_with_parent()  # no worker outlives its torchrun or its launcher (lifetime.py)
     rank = int(os.environ.get("RANK", 0))
     status_dir = argv[1] if len(argv) > 1 else None
     try:
         job = read_job(argv[0])
         status_dir = job.status_dir
+        hold_shared_until_exit(Path(job.training_args.ckpt_output_dir) / workers_lock(job.node_rank))
         setup_logging(job.training_args.log_level, rank)
         stop = StopRequest(job.status_dir).install()  # first: a signal may come at any time
         world = init_distributed()
