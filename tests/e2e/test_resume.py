@@ -165,12 +165,11 @@ def _rank_pid(job: Path, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("target", ["launcher", "worker"])
-def test_stop_signal_saves_the_state_and_the_run_resumes(workspace, tmp_path, target):
-    """SIGTERM to the launcher, or SIGUSR1 to one worker: both ranks finish the step they
-    are in, save the full state, exit cleanly, and the job then resumes exactly."""
-    args = training_args(workspace, f"stopped-{target}", distributed_backend="ddp", full_state_every_steps=0,
-                         accelerate_full_state_at_epoch=False)
+def start_slow_run(args: TrainingArgs, tmp_path: Path, until: str) -> tuple[subprocess.Popen, list[str]]:
+    """run_training in a process of its own, its steps slowed (0.4 s each, the same math)
+    so that a signal or a kill lands mid-run; returns once a line containing `until` is
+    logged, with the lines so far. A run stopped on request prints STOPPED, its step and
+    why, and exits 75."""
     script = tmp_path / "run.py"
     script.write_text("import msgspec, sys\n"
                       "from instructpack import TorchrunArgs, TrainingArgs, TrainingStopped, run_training\n"
@@ -180,7 +179,7 @@ def test_stop_signal_saves_the_state_and_the_run_resumes(workspace, tmp_path, ta
                       "except TrainingStopped as e:\n"
                       "    print('STOPPED', e.step, e.reason, flush=True)\n"
                       "    sys.exit(75)\n")
-    with pytest.MonkeyPatch.context() as m:  # steps long enough for a signal to land mid-run; same math
+    with pytest.MonkeyPatch.context() as m:
         inject(m, tmp_path / "slow", "time.sleep(0.4)", ranks=("0", "1"))
         env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -188,8 +187,18 @@ def test_stop_signal_saves_the_state_and_the_run_resumes(workspace, tmp_path, ta
     seen = []
     for line in proc.stdout:
         seen.append(line)
-        if "step 2/" in line:
+        if until in line:
             break
+    return proc, seen
+
+
+@pytest.mark.parametrize("target", ["launcher", "worker"])
+def test_stop_signal_saves_the_state_and_the_run_resumes(workspace, tmp_path, target):
+    """SIGTERM to the launcher, or SIGUSR1 to one worker: both ranks finish the step they
+    are in, save the full state, exit cleanly, and the job then resumes exactly."""
+    args = training_args(workspace, f"stopped-{target}", distributed_backend="ddp", full_state_every_steps=0,
+                         accelerate_full_state_at_epoch=False)
+    proc, seen = start_slow_run(args, tmp_path, until="step 2/")
     job = Path(args.ckpt_output_dir) / "job.json"
     if target == "launcher":
         proc.send_signal(signal.SIGTERM)
@@ -235,21 +244,7 @@ def test_a_launcher_killed_alone_takes_its_job_with_it_and_a_rerun_resumes_exact
     while the first lives; the same call made again at once resumes exactly."""
     expected = reference(workspace, "ddp", distributed_backend="ddp")
     args = training_args(workspace, "launcher-killed", distributed_backend="ddp")
-    script = tmp_path / "run.py"
-    script.write_text("import msgspec\n"
-                      "from instructpack import TorchrunArgs, TrainingArgs, run_training\n"
-                      f"args = msgspec.json.decode({msgspec.json.encode(args).decode()!r}, type=TrainingArgs)\n"
-                      "run_training(TorchrunArgs(nproc_per_node=2), args)\n")
-    with pytest.MonkeyPatch.context() as m:  # slow steps, the same math
-        inject(m, tmp_path / "slow", "time.sleep(0.4)", ranks=("0", "1"))
-        env = dict(os.environ)
-    launcher = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, env=env)
-    seen = []
-    for line in launcher.stdout:
-        seen.append(line)
-        if "step 4/" in line:  # the full state of step 3 is saved
-            break
+    launcher, seen = start_slow_run(args, tmp_path, until="step 4/")  # the full state of step 3 is saved
     assert len(_job_processes(launcher.pid)) >= 3, "".join(seen[-20:])  # torchrun and two workers
 
     with pytest.raises(DirectoryInUseError, match=rf"launcher-killed is in use by run_training \(host .*, pid "

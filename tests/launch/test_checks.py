@@ -11,30 +11,10 @@ import sys
 
 import pytest
 
-import instructpack.launch.run as launcher
-from instructpack import ConfigError, DirectoryInUseError, PathExistsError, TorchrunArgs, TrainingArgs, run_training
+from instructpack import ConfigError, DirectoryInUseError, PathExistsError, TorchrunArgs, run_training
 from instructpack.demo.example import generate_fact_conversations, write_jsonl
 
-
-@pytest.fixture
-def stub_workers(monkeypatch):
-    monkeypatch.setattr(launcher, "torchrun_command", lambda *a: [sys.executable, "-c", "pass"])
-
-
-@pytest.fixture
-def no_workers(monkeypatch):
-    monkeypatch.setattr(launcher, "torchrun_command",
-                        lambda *a: [sys.executable, "-c", "raise SystemExit('torchrun must not start')"])
-
-
-def args(tmp_path, model, **kw) -> TrainingArgs:
-    data = tmp_path / "chat.jsonl"
-    if not data.exists():
-        write_jsonl(data, generate_fact_conversations(16, seed=0))
-    base = dict(model_path=str(model), data_path=str(data), ckpt_output_dir=str(tmp_path / "ckpt"),
-                data_output_dir=str(tmp_path / "data"), max_seq_len=512, max_batch_len=1024,
-                effective_batch_size=4, learning_rate=1e-3, data_process_num_cpu_procs=1)
-    return TrainingArgs(**{**base, **kw})
+from support.launching import small_args
 
 
 @pytest.mark.parametrize("data_output_dir", ["ckpt", "ckpt/data", "."])
@@ -46,7 +26,7 @@ def test_a_dataset_directory_overlapping_the_checkpoints_is_refused(tmp_path, va
     (tmp_path / "ckpt" / "precious.safetensors").write_bytes(b"weights")
     with pytest.raises(ConfigError, match="training_args.data_output_dir = .*equals, contains or lies inside "
                                           "ckpt_output_dir"):
-        run_training(TorchrunArgs(), args(tmp_path, valid_model, data_output_dir=str(tmp_path / data_output_dir)))
+        run_training(TorchrunArgs(), small_args(tmp_path, valid_model, data_output_dir=str(tmp_path / data_output_dir)))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["precious.safetensors"]
 
 
@@ -54,7 +34,7 @@ def test_an_input_inside_the_dataset_directory_is_refused(tmp_path, valid_model,
     (tmp_path / "data").mkdir()
     raw = write_jsonl(tmp_path / "data" / "my_raw.jsonl", generate_fact_conversations(16, seed=0))
     with pytest.raises(ConfigError, match="training_args.data_path = .*lies inside data_output_dir"):
-        run_training(TorchrunArgs(), args(tmp_path, valid_model, data_path=str(raw)))
+        run_training(TorchrunArgs(), small_args(tmp_path, valid_model, data_path=str(raw)))
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["my_raw.jsonl"]
 
 
@@ -62,7 +42,7 @@ def test_an_input_inside_the_dataset_directory_is_refused(tmp_path, valid_model,
 def test_an_output_directory_that_is_a_file_is_named(tmp_path, valid_model, no_workers, field):
     (tmp_path / "a-file").write_text("not a directory")
     with pytest.raises(PathExistsError, match=f"training_args.{field} = .*a-file.*is a file; give a directory"):
-        run_training(TorchrunArgs(), args(tmp_path, valid_model, **{field: str(tmp_path / "a-file")}))
+        run_training(TorchrunArgs(), small_args(tmp_path, valid_model, **{field: str(tmp_path / "a-file")}))
 
 
 @pytest.mark.parametrize("change, match", [
@@ -74,7 +54,7 @@ def test_an_output_directory_that_is_a_file_is_named(tmp_path, valid_model, no_w
 ])
 def test_a_setting_changed_after_construction_is_checked_at_the_call(tmp_path, valid_model, no_workers, change,
                                                                        match):
-    training_args = args(tmp_path, valid_model)
+    training_args = small_args(tmp_path, valid_model)
     change(training_args)  # the objects are mutable, and clients set fields after building them
     with pytest.raises(ConfigError, match=match):
         run_training(TorchrunArgs(), training_args)
@@ -85,7 +65,7 @@ def test_torchrun_args_changed_after_construction_are_checked_too(tmp_path, vali
     torchrun_args = TorchrunArgs()
     torchrun_args.node_rank = 3
     with pytest.raises(ConfigError, match=r"torchrun_args.node_rank = 3: must be in \[0, nnodes\)"):
-        run_training(torchrun_args, args(tmp_path, valid_model))
+        run_training(torchrun_args, small_args(tmp_path, valid_model))
 
 
 # --- one run per ckpt_output_dir (launch/ownership.py) ----------------------------------------------------------
@@ -113,19 +93,19 @@ def test_a_second_run_into_the_same_directory_is_refused_naming_the_first(tmp_pa
     try:
         with pytest.raises(DirectoryInUseError, match=rf"{tmp_path / 'ckpt'} is in use by run_training \(host "
                                                       rf"{socket.gethostname()}, pid {first.pid}, started 20"):
-            run_training(TorchrunArgs(), args(tmp_path, valid_model))
+            run_training(TorchrunArgs(), small_args(tmp_path, valid_model))
         assert not (tmp_path / "data").exists()  # refused before any work
     finally:
         first.kill()
         first.wait()
-    run_training(TorchrunArgs(), args(tmp_path, valid_model))  # its lock went with it
+    run_training(TorchrunArgs(), small_args(tmp_path, valid_model))  # its lock went with it
 
 
 def test_a_lock_left_by_a_run_that_died_does_not_block(tmp_path, valid_model, stub_workers):
     (tmp_path / "ckpt").mkdir()
     note = {"host": socket.gethostname(), "pid": 999999999, "started": "2026-01-01 00:00:00", "what": "run_training"}
     (tmp_path / "ckpt" / ".instructpack-run.lock").write_text(json.dumps(note))  # a note, but no lock held
-    run_training(TorchrunArgs(), args(tmp_path, valid_model))
+    run_training(TorchrunArgs(), small_args(tmp_path, valid_model))
     assert (tmp_path / "ckpt" / "job.json").is_file()
 
 
@@ -139,7 +119,7 @@ def test_workers_that_outlived_their_launcher_block_the_next_run(tmp_path, valid
     assert survivor.stdout.readline().strip() == "up"
     try:
         with pytest.raises(DirectoryInUseError, match="worker processes of an earlier run that are still alive"):
-            run_training(TorchrunArgs(), args(tmp_path, valid_model))
+            run_training(TorchrunArgs(), small_args(tmp_path, valid_model))
     finally:
         survivor.kill()
         survivor.wait()

@@ -12,7 +12,6 @@ import sys
 import msgspec
 import pytest
 
-import instructpack.launch.run as launcher
 from instructpack import ConfigError, ResumeError, TorchrunArgs, TrainingArgs, load_dataset, run_training
 from instructpack.demo.example import generate_conversations, generate_fact_conversations, write_jsonl
 from instructpack.launch.diagnosis import diagnose
@@ -26,20 +25,7 @@ from instructpack.train.checkpoints.identity import (
 from instructpack.train.checkpoints.resumable import record_of
 from instructpack.train.job import JobConfig, read_job, write_job
 
-
-@pytest.fixture
-def stub_workers(monkeypatch):
-    monkeypatch.setattr(launcher, "torchrun_command", lambda *a: [sys.executable, "-c", "pass"])
-
-
-def args(tmp_path, model, **kw) -> TrainingArgs:
-    data = tmp_path / "chat.jsonl"
-    if not data.exists():
-        write_jsonl(data, generate_fact_conversations(16, seed=0))
-    base = dict(model_path=str(model), data_path=str(data), ckpt_output_dir=str(tmp_path / "ckpt"),
-                data_output_dir=str(tmp_path / "data"), max_seq_len=512, max_batch_len=1024,
-                effective_batch_size=4, learning_rate=1e-3, data_process_num_cpu_procs=1)
-    return TrainingArgs(**{**base, **kw})
+from support.launching import small_args
 
 
 def fake_full_state(training_args: TrainingArgs, step: int = 2):
@@ -61,7 +47,7 @@ def fake_full_state(training_args: TrainingArgs, step: int = 2):
 
 
 def test_the_job_names_the_checked_dataset_and_the_chosen_full_state(tmp_path, valid_model, stub_workers):
-    training_args = args(tmp_path, valid_model)
+    training_args = small_args(tmp_path, valid_model)
     run_training(TorchrunArgs(), training_args)
     first = read_job(tmp_path / "ckpt" / "job.json")
     assert first.resume_checked and first.resume_from is None and len(first.dataset_identity) == 16
@@ -72,7 +58,7 @@ def test_the_job_names_the_checked_dataset_and_the_chosen_full_state(tmp_path, v
 
 
 def test_other_data_is_refused_in_words_before_the_dataset_is_rewritten(tmp_path, valid_model, stub_workers):
-    training_args = args(tmp_path, valid_model)
+    training_args = small_args(tmp_path, valid_model)
     run_training(TorchrunArgs(), training_args)  # preprocesses data/
     checkpoint = fake_full_state(training_args)
     before = {p.name: p.read_bytes() for p in (tmp_path / "data").iterdir()}
@@ -88,10 +74,10 @@ def test_other_data_is_refused_in_words_before_the_dataset_is_rewritten(tmp_path
 
 
 def test_a_given_dataset_of_other_samples_is_named_in_words(tmp_path, valid_model, stub_workers):
-    training_args = args(tmp_path, valid_model)
+    training_args = small_args(tmp_path, valid_model)
     run_training(TorchrunArgs(), training_args)
     fake_full_state(training_args)
-    other = args(tmp_path, valid_model, data_path=str(write_jsonl(tmp_path / "other.jsonl",
+    other = small_args(tmp_path, valid_model, data_path=str(write_jsonl(tmp_path / "other.jsonl",
                                                                 generate_fact_conversations(12, seed=3))),
                  data_output_dir=str(tmp_path / "other-data"))
     run_training(TorchrunArgs(), msgspec.structs.replace(other, ckpt_output_dir=str(tmp_path / "scratch")))
@@ -104,7 +90,7 @@ def test_a_given_dataset_of_other_samples_is_named_in_words(tmp_path, valid_mode
 def test_a_given_dataset_with_longer_samples_than_max_seq_len_is_refused_unless_allowed(tmp_path, valid_model,
                                                                                          stub_workers):
     write_jsonl(tmp_path / "chat.jsonl", generate_conversations(24, seed=0, median_words=80))
-    made = args(tmp_path, valid_model, max_seq_len=2048, max_batch_len=4096)
+    made = small_args(tmp_path, valid_model, max_seq_len=2048, max_batch_len=4096)
     run_training(TorchrunArgs(), made)
     longest = int(load_dataset(tmp_path / "data").lengths.max())
     given = msgspec.structs.replace(made, process_data=False, max_seq_len=64, max_batch_len=4096)
@@ -121,7 +107,7 @@ def _run_worker(job_path, status_dir) -> subprocess.CompletedProcess:
 
 
 def test_a_worker_refuses_a_dataset_changed_after_the_launchers_check(tmp_path, valid_model, stub_workers):
-    training_args = args(tmp_path, valid_model)
+    training_args = small_args(tmp_path, valid_model)
     run_training(TorchrunArgs(), training_args)
     job = read_job(tmp_path / "ckpt" / "job.json")
     status = tmp_path / "status"
@@ -135,7 +121,7 @@ def test_a_worker_refuses_a_dataset_changed_after_the_launchers_check(tmp_path, 
 
 
 def test_a_worker_that_cannot_read_its_job_reports_why(tmp_path, valid_model):
-    job = JobConfig(training_args=args(tmp_path, valid_model), dataset_path=str(tmp_path), status_dir="unused")
+    job = JobConfig(training_args=small_args(tmp_path, valid_model), dataset_path=str(tmp_path), status_dir="unused")
     raw = json.loads(msgspec.json.encode(job))
     raw["training_args"]["max_batch_len"] = 16  # a setting no launcher would have let through
     (tmp_path / "job.json").write_text(json.dumps(raw))
