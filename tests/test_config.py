@@ -1,6 +1,7 @@
-"""Tests of instructpack.config: InstructLab-compatible defaults, one test per validation
-rule (each checks that the message names the field and the bad value), nested mappings,
-unknown-field hints, and YAML/JSON/TOML loading."""
+"""Tests of instructpack.config: InstructLab-compatible defaults, building as pydantic does
+(lax input, unknown fields ignored with a warning, the checks InstructLab makes at
+construction), one test per validation rule at validate() (each checks that the message
+names the field and the bad value), nested mappings, and strict YAML/JSON/TOML loading."""
 
 import json
 import math
@@ -24,9 +25,8 @@ from instructpack.config import (
     ShardingStrategies,
     TorchrunArgs,
     TrainingArgs,
-    config_from_dict,
-    load_config,
 )
+from instructpack.config_files import config_from_dict, load_config
 
 REQUIRED = dict(model_path="m", data_path="d.jsonl", ckpt_output_dir="ckpt",
                 data_output_dir="out", max_seq_len=4096, max_batch_len=60000,
@@ -36,6 +36,13 @@ DATA = dict(data_path="d.jsonl", data_output_path="out", model_path="m", max_seq
 
 def training(**kw):
     return TrainingArgs(**{**REQUIRED, **kw})
+
+
+def checked(obj):
+    """The object checked as run_training checks it (ranges are not checked at construction,
+    as InstructLab's models do not check them either)."""
+    obj.validate()
+    return obj
 
 
 def raises(fn, field, value):
@@ -120,10 +127,10 @@ def test_training_defaults_match_instructlab():
 def test_option_defaults_match_instructlab():
     lora = LoraOptions()
     assert (lora.rank, lora.alpha, lora.dropout) == (4, 32, 0.1)
-    assert lora.target_modules is None and lora.quantize_data_type is None
+    assert lora.target_modules is None and lora.quantize_data_type is QuantizeDataType.NONE
     d = DataProcessArgs(**DATA)
     assert (d.chat_tmpl_path, d.num_cpu_procs) == (None, 16)
-    assert (d.min_seq_len, d.skip_invalid_lines, d.overwrite) == (0, False, False)
+    assert (d.min_seq_len, d.skip_invalid_lines, d.overwrite) == (None, False, False)
     assert FSDPOptions().sharding_strategy is ShardingStrategies.HYBRID_SHARD
     t = TorchrunArgs()
     assert (t.rdzv_endpoint, t.master_addr, t.master_port) == (None, None, None)
@@ -137,8 +144,12 @@ def test_enums_accept_strings_and_members():
     assert training(distributed_backend="deepspeed").distributed_backend is \
         DistributedBackend.DEEPSPEED
     assert training(distributed_backend=DistributedBackend.FSDP).distributed_backend == "fsdp"
-    assert LoraOptions(quantize_data_type="nf4").quantize_data_type is QuantizeDataType.NF4
+    # InstructLab's LoraOptions keeps the value given (use_enum_values), the member by default.
+    assert LoraOptions(quantize_data_type="nf4").quantize_data_type == "nf4"
+    assert LoraOptions(quantize_data_type=QuantizeDataType.NF4).quantize_data_type == "nf4"
     assert LoraOptions(quantize_data_type=None).quantize_data_type is None
+    assert LoraOptions(quantize_data_type="nf4").quantization is QuantizeDataType.NF4
+    assert LoraOptions().quantization is None and LoraOptions(quantize_data_type=None).quantization is None
     assert TorchrunArgs(nproc_per_node="gpu").nproc_per_node == "gpu"
 
 
@@ -149,9 +160,9 @@ def test_conversions_keep_plain_types():
 
 
 def test_lora_rank_zero_means_no_lora():
-    # InstructLab's CLI passes LoraOptions(rank=0) for a full fine-tune.
-    assert training(lora=LoraOptions(rank=0)).lora is None
-    assert training(lora={"rank": 0}).lora is None
+    # InstructLab's CLI passes LoraOptions(rank=0) for a full fine-tune: it stays an object.
+    assert training(lora=LoraOptions(rank=0)).lora == LoraOptions(rank=0)
+    assert not checked(training(lora={"rank": 0})).lora.enabled and LoraOptions().enabled
 
 
 # ---------------------------------------------------------------- TrainingArgs rules
@@ -166,40 +177,41 @@ def test_training_integer_ranges(name, bad):
     kw = {name: bad}
     if name == "max_seq_len":
         kw["max_batch_len"] = 100
-    raises(lambda: training(**kw), f"training_args.{name}", bad)
+    training(**kw)  # built as given; refused when checked (run_training checks)
+    raises(lambda: checked(training(**kw)), f"training_args.{name}", bad)
 
 
 def test_max_batch_len_below_max_seq_len():
-    msg = raises(lambda: training(max_seq_len=4096, max_batch_len=4095),
+    msg = raises(lambda: checked(training(max_seq_len=4096, max_batch_len=4095)),
                  "training_args.max_batch_len", 4095)
     assert "max_seq_len" in msg and "4096" in msg
 
 
 @pytest.mark.parametrize("bad", [0.0, -1e-5, math.inf])
 def test_learning_rate_must_be_positive(bad):
-    raises(lambda: training(learning_rate=bad), "training_args.learning_rate", bad)
+    raises(lambda: checked(training(learning_rate=bad)), "training_args.learning_rate", bad)
 
 
 def test_learning_rate_nan():
     with pytest.raises(ConfigError, match="learning_rate = nan"):
-        training(learning_rate=math.nan)
+        checked(training(learning_rate=math.nan))
 
 
 def test_adamw_rules():
-    raises(lambda: training(adamw_eps=0.0), "training_args.adamw_eps", 0.0)
-    raises(lambda: training(adamw_weight_decay=-0.1), "training_args.adamw_weight_decay", -0.1)
-    raises(lambda: training(adamw_betas=(0.9, 1.0)), "training_args.adamw_betas", (0.9, 1.0))
-    raises(lambda: training(adamw_betas=(0.9,)), "training_args.adamw_betas", (0.9,))
+    raises(lambda: checked(training(adamw_eps=0.0)), "training_args.adamw_eps", 0.0)
+    raises(lambda: checked(training(adamw_weight_decay=-0.1)), "training_args.adamw_weight_decay", -0.1)
+    raises(lambda: checked(training(adamw_betas=(0.9, 1.0))), "training_args.adamw_betas", (0.9, 1.0))
+    raises(lambda: training(adamw_betas=(0.9,)), "training_args.adamw_betas", (0.9,))  # not a pair: its type
 
 
 @pytest.mark.parametrize("name", ["model_path", "data_path", "ckpt_output_dir",
                                   "data_output_dir"])
 def test_training_paths_non_empty(name):
-    raises(lambda: training(**{name: ""}), f"training_args.{name}", "")
+    raises(lambda: checked(training(**{name: ""})), f"training_args.{name}", "")
 
 
 def test_mock_data_needs_no_data_path():
-    assert training(mock_data=True, data_path="").mock_data
+    assert checked(training(mock_data=True, data_path="")).mock_data
 
 
 @pytest.mark.parametrize("name,bad,allowed", [
@@ -209,14 +221,24 @@ def test_mock_data_needs_no_data_path():
     ("logger_type", "async,csv", "tensorboard"),
 ])
 def test_training_choices(name, bad, allowed):
-    msg = raises(lambda: training(**{name: bad}), f"training_args.{name}", bad)
+    msg = raises(lambda: checked(training(**{name: bad})), f"training_args.{name}", bad)
     assert allowed in msg
 
 
+@pytest.mark.parametrize("name,given,read", [  # what pydantic's lax mode reads, read the same
+    ("max_seq_len", "4096", 4096), ("max_seq_len", 4096.0, 4096), ("learning_rate", "2e-5", 2e-5),
+    ("checkpoint_at_epoch", 1, True), ("checkpoint_at_epoch", "true", True), ("checkpoint_at_epoch", "no", False),
+    ("num_epochs", True, 1), ("adamw_betas", [0.8, 0.9], (0.8, 0.9)), ("mock_data", None, None),
+    ("process_data", None, None), ("disable_flash_attn", None, None), ("keep_last_checkpoint_only", None, None),
+])
+def test_lax_input_as_pydantic_reads_it(name, given, read):
+    value = getattr(checked(training(**{name: given})), name)
+    assert value == read and type(value) is type(read)
+
+
 @pytest.mark.parametrize("name,bad,expected", [
-    ("max_seq_len", "4096", "integer"), ("num_epochs", True, "integer"),
-    ("max_seq_len", 4096.0, "integer"), ("learning_rate", "2e-5", "number"),
-    ("checkpoint_at_epoch", 1, "true or false"), ("model_path", None, "string"),
+    ("max_seq_len", "long", "integer"), ("max_seq_len", 4096.5, "integer"),
+    ("checkpoint_at_epoch", 2, "true or false"), ("model_path", None, "string"),
     ("adamw_betas", "0.9", "list of 2"), ("deepspeed_options", 5, "DeepSpeedOptions"),
     ("lora", "yes", "LoraOptions"),
 ])
@@ -225,14 +247,18 @@ def test_wrong_types(name, bad, expected):
     assert expected in msg
 
 
-def test_unknown_field_suggests_close_name():
-    msg = raises(lambda: training(max_seq_length=1024), "training_args.max_seq_length", 1024)
-    assert "did you mean 'max_seq_len'" in msg
+def test_unknown_field_is_ignored_with_a_warning_that_suggests_a_close_name():
+    with pytest.warns(UserWarning, match="TrainingArgs: ignoring 1 unknown field.*'max_seq_length' "
+                                         r"\(did you mean 'max_seq_len'\?\)"):
+        t = training(max_seq_length=1024)
+    assert t == training() and not hasattr(t, "max_seq_length")
 
 
-def test_unknown_field_without_close_name_lists_allowed():
-    msg = raises(lambda: training(zzz=1), "training_args.zzz", 1)
-    assert "allowed:" in msg and "learning_rate" in msg
+def test_unknown_fields_without_close_names_list_what_is_allowed_in_one_warning():
+    with pytest.warns(UserWarning) as seen:
+        training(zzz=1, input_dir=None, iters=100)
+    assert len(seen) == 1 and "ignoring 3 unknown field(s)" in str(seen[0].message)
+    assert "allowed:" in str(seen[0].message) and "learning_rate" in str(seen[0].message)
 
 
 def test_missing_required_field():
@@ -267,18 +293,18 @@ def test_nested_dicts_accepted():
 
 @pytest.mark.parametrize("bad", [1.5, -0.1])
 def test_cpu_offload_ratio_range_nested_path(bad):
-    msg = raises(lambda: training(deepspeed_options={"cpu_offload_optimizer_ratio": bad}),
+    msg = raises(lambda: checked(training(deepspeed_options={"cpu_offload_optimizer_ratio": bad})),
                  "training_args.deepspeed_options.cpu_offload_optimizer_ratio", bad)
     assert "between 0 and 1" in msg
 
 
 def test_cpu_offload_ratio_range_standalone():
-    raises(lambda: DeepSpeedOptions(cpu_offload_optimizer_ratio=2),
+    raises(lambda: checked(DeepSpeedOptions(cpu_offload_optimizer_ratio=2)),
            "deepspeed_options.cpu_offload_optimizer_ratio", 2.0)
 
 
 def test_deepspeed_save_samples():
-    raises(lambda: DeepSpeedOptions(save_samples=0), "deepspeed_options.save_samples", 0)
+    raises(lambda: checked(DeepSpeedOptions(save_samples=0)), "deepspeed_options.save_samples", 0)
 
 
 def test_sharding_strategy_invalid():
@@ -287,9 +313,9 @@ def test_sharding_strategy_invalid():
     assert "FULL_SHARD" in msg and "NO_SHARD" in msg
 
 
-def test_nested_unknown_field_suggests():
-    msg = raises(lambda: training(lora={"rnak": 8}), "training_args.lora.rnak", 8)
-    assert "did you mean 'rank'" in msg
+def test_nested_unknown_field_is_ignored_with_a_warning_that_suggests():
+    with pytest.warns(UserWarning, match=r"LoraOptions: ignoring 1 unknown field.*'rnak' \(did you mean 'rank'"):
+        assert training(lora={"rnak": 8}).lora == LoraOptions()
 
 
 def test_nested_non_string_keys():
@@ -301,27 +327,36 @@ def test_nested_non_string_keys():
 
 
 def test_lora_rank_negative():
-    raises(lambda: LoraOptions(rank=-1), "lora.rank", -1)
+    raises(lambda: checked(LoraOptions(rank=-1)), "lora.rank", -1)
 
 
 def test_lora_alpha():
-    raises(lambda: LoraOptions(alpha=0), "lora.alpha", 0)
+    raises(lambda: checked(LoraOptions(alpha=0)), "lora.alpha", 0)
 
 
 @pytest.mark.parametrize("bad", [1.0, -0.1])
 def test_lora_dropout(bad):
-    raises(lambda: training(lora={"dropout": bad}), "training_args.lora.dropout", bad)
+    raises(lambda: checked(training(lora={"dropout": bad})), "training_args.lora.dropout", bad)
 
 
 @pytest.mark.parametrize("bad", [[], ["q_proj", ""]])
 def test_lora_target_modules(bad):
-    raises(lambda: LoraOptions(target_modules=bad), "lora.target_modules", bad)
+    raises(lambda: checked(LoraOptions(target_modules=bad)), "lora.target_modules", bad)
 
 
 def test_lora_quantize_data_type():
     msg = raises(lambda: LoraOptions(quantize_data_type="fp8"), "lora.quantize_data_type",
                  "fp8")
-    assert "'nf4'" in msg and "null" in msg
+    assert "'nf4' or None" in msg
+
+
+def test_lora_quantize_data_type_assigned_as_a_string_after_construction():
+    # InstructLab's CLI does `lora.quantize_data_type = "nf4"` on a built object.
+    lora = LoraOptions(rank=2)
+    lora.quantize_data_type = "nf4"
+    assert checked(lora).quantization is QuantizeDataType.NF4
+    lora.quantize_data_type = "int3"
+    raises(lambda: checked(lora), "lora.quantize_data_type", "int3")
 
 
 # ---------------------------------------------------------------- TorchrunArgs rules
@@ -329,30 +364,31 @@ def test_lora_quantize_data_type():
 
 @pytest.mark.parametrize("bad", [0, -1, "cpu"])
 def test_nproc_per_node(bad):
-    raises(lambda: TorchrunArgs(nproc_per_node=bad), "torchrun_args.nproc_per_node", bad)
+    raises(lambda: checked(TorchrunArgs(nproc_per_node=bad)), "torchrun_args.nproc_per_node", bad)
 
 
 def test_nnodes():
-    raises(lambda: TorchrunArgs(nnodes=0), "torchrun_args.nnodes", 0)
+    raises(lambda: checked(TorchrunArgs(nnodes=0)), "torchrun_args.nnodes", 0)
 
 
 @pytest.mark.parametrize("bad", [-1, 2, 3])
 def test_node_rank_range(bad):
-    msg = raises(lambda: TorchrunArgs(nnodes=2, node_rank=bad), "torchrun_args.node_rank", bad)
+    msg = raises(lambda: checked(TorchrunArgs(nnodes=2, node_rank=bad)), "torchrun_args.node_rank", bad)
     assert "[0, 2)" in msg
 
 
 @pytest.mark.parametrize("bad", [0, 70000])
 def test_master_port(bad):
-    raises(lambda: TorchrunArgs(master_addr="h", master_port=bad), "torchrun_args.master_port",
+    raises(lambda: checked(TorchrunArgs(master_addr="h", master_port=bad)), "torchrun_args.master_port",
            bad)
 
 
 def test_rendezvous_endpoint_or_master_not_both():
+    # Checked at construction, as InstructLab's validator does.
     msg = raises(lambda: TorchrunArgs(rdzv_endpoint="h:1", master_addr="h", master_port=1),
                  "torchrun_args.master_addr", "h")
     assert "rdzv_endpoint" in msg
-    raises(lambda: TorchrunArgs(rdzv_endpoint=""), "torchrun_args.rdzv_endpoint", "")
+    raises(lambda: checked(TorchrunArgs(rdzv_endpoint="")), "torchrun_args.rdzv_endpoint", "")
 
 
 def test_rdzv_id_str_or_int():
@@ -368,26 +404,26 @@ def data(**kw):
 
 
 def test_data_max_seq_len():
-    raises(lambda: data(max_seq_len=0), "data_process_args.max_seq_len", 0)
+    raises(lambda: checked(data(max_seq_len=0)), "data_process_args.max_seq_len", 0)
 
 
 @pytest.mark.parametrize("bad", [-1, 512, 600])
 def test_data_min_seq_len(bad):
-    raises(lambda: data(min_seq_len=bad), "data_process_args.min_seq_len", bad)
+    raises(lambda: checked(data(min_seq_len=bad)), "data_process_args.min_seq_len", bad)
 
 
 def test_data_num_cpu_procs():
-    raises(lambda: data(num_cpu_procs=0), "data_process_args.num_cpu_procs", 0)
+    raises(lambda: checked(data(num_cpu_procs=0)), "data_process_args.num_cpu_procs", 0)
 
 
 @pytest.mark.parametrize("name", ["data_path", "data_output_path", "model_path"])
 def test_data_paths_non_empty(name):
-    raises(lambda: data(**{name: ""}), f"data_process_args.{name}", "")
+    raises(lambda: checked(data(**{name: ""})), f"data_process_args.{name}", "")
 
 
 def test_data_unknown_field():
-    msg = raises(lambda: data(num_procs=4), "data_process_args.num_procs", 4)
-    assert "did you mean 'num_cpu_procs'" in msg
+    with pytest.warns(UserWarning, match=r"'num_procs' \(did you mean 'num_cpu_procs'"):
+        assert data(num_procs=4) == data()
 
 
 # ---------------------------------------------------------------- files

@@ -7,19 +7,22 @@ only the import line changed. Importing this package does not import torch.
 __version__ = "0.1.0"
 
 from . import data_process
+from .callbacks import TrainerCallback, TrainingContext
 from .config import (
     DataProcessArgs,
+    DeepSpeedOffloadStrategy,
     DeepSpeedOptions,
     DistributedBackend,
     FSDPOptions,
     LoraOptions,
+    PretrainingConfig,
     QuantizeDataType,
     RunConfig,
     ShardingStrategies,
     TorchrunArgs,
     TrainingArgs,
-    load_config,
 )
+from .config_files import load_config
 from .data.shards import TokenDataset, load_dataset
 from .errors import (
     ChatTemplateError,
@@ -51,6 +54,7 @@ __all__ = [
     "ConfigError",
     "DataProcessArgs",
     "DatasetError",
+    "DeepSpeedOffloadStrategy",
     "DeepSpeedOptions",
     "DirectoryInUseError",
     "DistributedBackend",
@@ -64,6 +68,7 @@ __all__ = [
     "PathExistsError",
     "PathNotFoundError",
     "PlanError",
+    "PretrainingConfig",
     "QuantizeDataType",
     "ResumeError",
     "RunConfig",
@@ -72,7 +77,9 @@ __all__ = [
     "TemplateError",
     "TokenDataset",
     "TorchrunArgs",
+    "TrainerCallback",
     "TrainingArgs",
+    "TrainingContext",
     "TrainingError",
     "TrainingStopped",
     "UnsafeTemplateError",

@@ -102,7 +102,8 @@ EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request with the state saved; run a
 
 
 def _run_train(ns: argparse.Namespace) -> int:
-    from .config import RunConfig, TorchrunArgs, load_config
+    from .config import RunConfig, TorchrunArgs
+    from .config_files import load_config
     from .errors import InstructPackError, TrainingError, TrainingStopped
     from .launch import run_training
 

@@ -80,9 +80,11 @@ def write_job(path: Path, job: JobConfig) -> Path:
 
 def read_job(path: str | Path) -> JobConfig:
     try:
-        return msgspec.json.decode(Path(path).read_bytes(), type=JobConfig)
+        job = msgspec.json.decode(Path(path).read_bytes(), type=JobConfig)
     except msgspec.ValidationError as e:  # a bad setting: the ConfigError that says which and why
         raise (e.__cause__ if e.__cause__ is not None else e) from None
+    job.training_args.validate()  # ranges and relations: a job file edited by hand is checked too
+    return job
 
 
 def write_failure(status_dir: str | Path, rank: int, exc: BaseException) -> None:

@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 def quantization_config(options: LoraOptions | None, compute_dtype: torch.dtype):
     """bitsandbytes 4-bit NormalFloat with double quantization, computing in the run's compute
     dtype (train/precision.py: bf16 on CUDA, fp32 on the CPU); None without QLoRA."""
-    if options is None or options.quantize_data_type is None:
+    if options is None or options.quantization is None:
         return None
-    if options.quantize_data_type != QuantizeDataType.NF4:
+    if options.quantization != QuantizeDataType.NF4:
         raise ValueError(f"unsupported quantize_data_type {options.quantize_data_type!r}")
     from transformers import BitsAndBytesConfig
 
