@@ -256,9 +256,12 @@ def test_settings_refused_before_launch(workspace, monkeypatch):
         run_training(TorchrunArgs(nnodes=2), args)
     with pytest.raises(ConfigError, match="effective_batch_size"):
         run_training(TorchrunArgs(nproc_per_node=16), args)
-    with pytest.raises(ConfigError, match="distributed_backend.*'ddp'"):  # QLoRA cannot be sharded
-        run_training(TorchrunArgs(), training_args(workspace, "refused",
-                                                   lora={"rank": 8, "quantize_data_type": "nf4"}))
+    qlora = {"rank": 8, "quantize_data_type": "nf4"}  # 4-bit weights: replicated or ZeRO-2, never sharded
+    with pytest.raises(ConfigError, match="distributed_backend = 'fsdp'.*'deepspeed' \\(zero_stage 2\\) or 'ddp'"):
+        run_training(TorchrunArgs(), training_args(workspace, "refused", lora=qlora))
+    with pytest.raises(ConfigError, match="deepspeed_options.zero_stage = 3.*ZeRO-3"):
+        run_training(TorchrunArgs(), training_args(workspace, "refused", lora=qlora, distributed_backend="deepspeed",
+                                                   deepspeed_options={"zero_stage": 3}))
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="nproc_per_node"):
             run_training(TorchrunArgs(nproc_per_node="gpu"), args)

@@ -1,7 +1,7 @@
 """Every backend and adapter option gives the plain path's training result, on CPU with 2
 processes (gloo): FSDP2 with each sharding strategy (and CPU offload), DeepSpeed ZeRO-2,
 ZeRO-3 and ZeRO-2 with optimizer offload against DDP, on a tiny Llama and a tiny Qwen3;
-LoRA under DDP, FSDP2 and DeepSpeed; QLoRA (nf4) under DDP.
+LoRA under DDP, FSDP2 and DeepSpeed; QLoRA (nf4) under DDP and DeepSpeed ZeRO-2.
 
 All jobs run in one torchrun launch (tests/backend_runs.py), which also saves each trained
 model's logits on a probe row, computed through the backend's own sharded module: each
@@ -49,6 +49,7 @@ ADAPTERS = {
     "lora-fsdp": {"fsdp_options": {"sharding_strategy": "FULL_SHARD"}, "lora": LORA},
     "lora-zero3": {"distributed_backend": "deepspeed", "deepspeed_options": {"zero_stage": 3}, "lora": LORA},
     "qlora-ddp": {"distributed_backend": "ddp", "lora": {**LORA, "quantize_data_type": "nf4"}},
+    "qlora-zero2": {"distributed_backend": "deepspeed", "lora": {**LORA, "quantize_data_type": "nf4"}},
 }
 
 
@@ -170,17 +171,20 @@ def test_lora_learns_and_saves_adapter_and_merged_model(runs, name):
     torch.testing.assert_close(probe_logits(merged), trained, rtol=1e-4, atol=1e-4)
 
 
-def test_qlora_trains_4bit_and_saves_a_loadable_adapter(runs):
+@pytest.mark.parametrize("name", [n for n in ADAPTERS if n.startswith("qlora")])
+def test_qlora_trains_4bit_and_saves_a_loadable_adapter(runs, name):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from instructpack.config import LoraOptions
     from instructpack.train.model.lora import keep_4bit_layout, quantization_config
 
-    curve = losses(runs["qlora-ddp"])
+    curve = losses(runs[name])
     assert curve[-1] < 0.2 * curve[0]
-    trained = torch.load(runs["qlora-ddp"] / "probe_logits.pt")
-    directory = final_checkpoint(runs["qlora-ddp"])
+    if name != "qlora-ddp":  # ZeRO-2 shards the adapters' gradients and optimizer state only
+        assert curve == pytest.approx(losses(runs["qlora-ddp"]), rel=1e-4)
+    trained = torch.load(runs[name] / "probe_logits.pt")
+    directory = final_checkpoint(runs[name])
 
     base = AutoModelForCausalLM.from_pretrained(
         runs["models"]["llama-base"], device_map={"": "cpu"},

@@ -33,17 +33,11 @@ def visible_gpus() -> int:
 
 
 def check_before_launch(t: TorchrunArgs, args: TrainingArgs) -> int:
-    """Everything that can be refused from the settings alone; returns the world size."""
-    t.validate()  # as they are now: the objects may have been changed since they were built
-    args.validate()
+    """Everything that can be refused from the settings alone (already validated and read by
+    settings.effective_settings); returns the world size."""
     check_paths(args)
     check_model_dir(args.model_path, trust_remote_code=args.trust_remote_code)  # names the file and the fix
-    if args.lora is not None and args.lora.quantize_data_type is not None \
-            and args.distributed_backend != DistributedBackend.DDP:
-        raise ConfigError("training_args", ("distributed_backend",),
-                          f"QLoRA (lora.quantize_data_type={args.lora.quantize_data_type.value!r}) keeps the base "
-                          "weights in bitsandbytes 4-bit tensors, which FSDP2 and DeepSpeed cannot shard here; set "
-                          "distributed_backend to 'ddp'", args.distributed_backend.value)
+    check_qlora_backend(args)
     if t.nnodes > 1 and not (t.rdzv_endpoint or t.master_addr):
         raise ConfigError("torchrun_args", ("rdzv_endpoint",), "a job on several machines needs rdzv_endpoint "
                           "('host:port' of node 0) or master_addr/master_port", t.rdzv_endpoint)
@@ -57,6 +51,23 @@ def check_before_launch(t: TorchrunArgs, args: TrainingArgs) -> int:
                           "in every step", args.effective_batch_size)
     check_sinks(args)  # a missing tensorboard/wandb/mlflow package fails now, not in every worker
     return world
+
+
+def check_qlora_backend(args: TrainingArgs) -> None:
+    """QLoRA keeps the frozen base weights in bitsandbytes 4-bit tensors. Backends that only
+    replicate them (DDP) or shard just gradients and optimizer state (DeepSpeed ZeRO-2,
+    InstructLab's combination) train them; FSDP2 and ZeRO-3 would shard the packed 4-bit
+    bytes themselves, which bitsandbytes cannot compute with."""
+    if args.lora is None or args.lora.quantization is None:
+        return
+    qlora = f"QLoRA (lora.quantize_data_type={args.lora.quantization.value!r})"
+    fix = "set distributed_backend to 'deepspeed' (zero_stage 2) or 'ddp'"
+    if args.distributed_backend == DistributedBackend.FSDP:
+        raise ConfigError("training_args", ("distributed_backend",), f"{qlora} keeps the frozen weights in "
+                          f"bitsandbytes 4-bit tensors, which FSDP2 cannot shard; {fix}", "fsdp")
+    if args.distributed_backend == DistributedBackend.DEEPSPEED and args.deepspeed_options.zero_stage == 3:
+        raise ConfigError("training_args", ("deepspeed_options", "zero_stage"), f"{qlora} keeps the frozen weights "
+                          f"in bitsandbytes 4-bit tensors, which ZeRO-3 cannot partition; {fix}", 3)
 
 
 def check_paths(args: TrainingArgs) -> None:

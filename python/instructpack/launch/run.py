@@ -15,7 +15,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..config import TorchrunArgs, TrainingArgs, config_from_dict
+from ..config import TorchrunArgs, TrainingArgs
+from ..config_base import build
 from ..data.manifest import read_manifest
 from ..train.checkpoints.identity import DatasetSummary, check_fingerprint, run_fingerprint
 from ..train.checkpoints.resumable import select_checkpoint
@@ -24,6 +25,7 @@ from .checks import check_before_launch
 from .dataset import prepare_dataset
 from .diagnosis import diagnose
 from .ownership import own_output_dir
+from .settings import effective_settings
 from .torchrun import run_logged, stop_requests, stopped, torchrun_command, worker_env
 
 
@@ -42,7 +44,8 @@ def run_training(torchrun_args: TorchrunArgs | Mapping | None = None,
     training_args = _one_of(training_args, train_args, "training_args", "train_args", TrainingArgs)
     if training_args is None:
         raise TypeError("run_training() needs training_args (a TrainingArgs)")
-    torchrun_args = torchrun_args or TorchrunArgs()
+    # Checked and read as InstructLab reads them, into copies: the caller's objects stay as they are.
+    torchrun_args, training_args = effective_settings(torchrun_args or TorchrunArgs(), training_args)
     world_size = check_before_launch(torchrun_args, training_args)
     out = Path(training_args.ckpt_output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +92,7 @@ def _one_of(value, alias, name: str, alias_name: str, cls: type):
         raise TypeError(f"run_training() got both {name} and {alias_name}; pass one")
     value = value if value is not None else alias
     if isinstance(value, Mapping):
-        return config_from_dict(dict(value), into=cls)
+        return build(cls, value)
     if value is not None and not isinstance(value, cls):
         raise TypeError(f"{name} must be a {cls.__name__} (or a mapping of its fields), got {type(value).__name__}")
     return value

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..environment import collective_timeout_s
+
 
 @dataclass(frozen=True)
 class World:
@@ -28,9 +30,10 @@ class World:
         return self.world_size > 1
 
 
-def init_distributed(timeout_minutes: float = 30) -> World:
+def init_distributed() -> World:
     """Reads torchrun's environment and joins the process group, even with one process:
-    FSDP2 and DeepSpeed need a group. Without torchrun (no RANK/WORLD_SIZE) it is a single
+    FSDP2 and DeepSpeed need a group. Collectives wait INSTRUCTLAB_NCCL_TIMEOUT_MS for the
+    other ranks (30 minutes when unset). Without torchrun (no RANK/WORLD_SIZE) it is a single
     CPU/GPU process with no group; `ensure_process_group` makes one when a backend needs it."""
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -42,7 +45,7 @@ def init_distributed(timeout_minutes: float = 30) -> World:
     else:
         device = torch.device("cpu")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group(_backends(device), timeout=datetime.timedelta(minutes=timeout_minutes),
+        dist.init_process_group(_backends(device), timeout=datetime.timedelta(seconds=collective_timeout_s()),
                                 device_id=device if device.type == "cuda" else None)
     return World(rank, local_rank, world_size, device, local_world_size)
 
