@@ -16,13 +16,17 @@ from support.samples import END_OF_TURN, TEMPLATE_STYLES, preprocess, tricky_con
 
 
 def _expected_trained_text(style: str, sample: dict) -> list[str]:
-    """The trained text of each trained message, written from the template's rules."""
-    eot = END_OF_TURN[style]
+    """The trained text of each trained message, written from the template's rules.
+
+    Unmasked non-assistant turns train their content only (InstructLab's rule): the
+    end-of-turn after a user turn is not a prediction the model should learn to stop on.
+    """
     pieces = []
     for m in sample["messages"]:
         trained = m["role"] == "assistant" or (sample.get("unmask") and m["role"] != "system")
         if not trained:
             continue
+        eot = END_OF_TURN[style] if m["role"] == "assistant" else ""
         content = m["content"]
         if style == "llama3":
             pieces.append(content.strip() + eot)  # the template trims, ignores reasoning
@@ -66,10 +70,13 @@ def test_ids_equal_transformers_and_labels_cover_exactly_the_trained_text(tmp_pa
         item = ds[i]
         assert item["input_ids"].tolist() == expected_ids, f"line {ds.source_lines[i]}"
         runs = [tok.decode(r, skip_special_tokens=False) for r in _trained_runs(item["input_ids"], item["labels"])]
-        # Adjacent trained messages (unmask) may merge into one run; compare the concatenation
-        # and require every run to end with an end-of-turn marker.
+        # Adjacent trained messages (unmask) may merge into one run; compare the concatenation.
+        # The last trained turn is an assistant turn, so it ends with the end-of-turn marker;
+        # without unmask every run is an assistant turn.
         assert "".join(runs) == "".join(_expected_trained_text(style, sample)), f"line {ds.source_lines[i]}"
-        assert all(r.endswith(END_OF_TURN[style]) for r in runs)
+        assert runs[-1].endswith(END_OF_TURN[style])
+        if not sample.get("unmask"):
+            assert all(r.endswith(END_OF_TURN[style]) for r in runs)
     assert ds.lengths.tolist() == [len(ds[i]["input_ids"]) for i in range(len(ds))]
 
 
@@ -140,7 +147,7 @@ def test_drop_rules_are_counted_never_truncated(tmp_path, tokenizer_dirs):
     # The short one has 21 tokens, the kept one 26.
     result = preprocess(tmp_path, model, samples, max_seq_len=100, min_seq_len=24)
     counts = result.manifest.counts
-    assert counts.dropped == {"too_long": 1, "too_short": 1, "no_trained_tokens": 1}
+    assert counts.dropped == {"too_long": 1, "too_short": 1, "no_trained_tokens": 1, "no_end_of_text": 0}
     ds = load_dataset(result.output_path)
     assert ds.source_lines.tolist() == [4]
     assert counts.samples == 1 and counts.tokens == int(ds.lengths.sum())
@@ -155,7 +162,8 @@ def test_unmask_trains_user_turns_but_not_system(tmp_path, tokenizer_dirs):
     tok = Tokenizer.from_file(str(tokenizer_dirs["granite"] / "tokenizer.json"))
     item = load_dataset(preprocess(tmp_path, tokenizer_dirs["granite"], [sample]).output_path)[0]
     runs = [tok.decode(r, skip_special_tokens=False) for r in _trained_runs(item["input_ids"], item["labels"])]
-    assert runs == ["USR<|end_of_text|>", "ASST<|end_of_text|>"]
+    # InstructLab's rule: the user turn trains its content, not the end-of-turn after it.
+    assert runs == ["USR", "ASST<|end_of_text|>"]
 
 
 def test_manifest_and_dataset_reader(tmp_path, tokenizer_dirs):

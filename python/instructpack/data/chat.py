@@ -26,6 +26,7 @@ from jinja2.sandbox import SecurityError
 
 from ..errors import ChatTemplateError, ConfigError, PathNotFoundError, TemplateError, UnsafeTemplateError
 from .messages import Conversation
+from .template_module import TemplateModule, looks_like_module, read_template_module, setup_tokenizer
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _SENTINEL_RE = re.compile("\ue000(\\d+)([cr])\ue001")
@@ -43,9 +44,24 @@ def _token_text(value) -> str | None:
 
 
 @dataclass(frozen=True)
+class RoleMarkers:
+    """The token sequences that open each role's turn in an InstructLab template module's
+    renders, and its end-of-text id: what InstructLab's label rule for such templates scans
+    for (encode.py). A sequence is () when the module declares no such token."""
+
+    user: tuple[int, ...]
+    assistant: tuple[int, ...]
+    system: tuple[int, ...]
+    tool_response: tuple[int, ...]
+    eos: int
+
+
+@dataclass(frozen=True)
 class TokenizerFiles:
     """What preprocessing needs from a model directory: the Rust tokenizer, the chat
-    template and the special-token strings the template may use."""
+    template and the special-token strings the template may use. With an InstructLab
+    template module, `tokenizer_text` is the tokenizer as the module sets it up (its special
+    tokens registered) and `role_markers` selects InstructLab's label rule for it."""
 
     tokenizer_json: Path
     chat_template: str
@@ -54,6 +70,15 @@ class TokenizerFiles:
     fingerprint: str
     template_fingerprint: str
     template_source: str = "the chat template"  # where it was read, for messages
+    tokenizer_text: str | None = None
+    role_markers: RoleMarkers | None = None
+
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        if self.tokenizer_text is not None:
+            return Tokenizer.from_str(self.tokenizer_text)
+        return Tokenizer.from_file(str(self.tokenizer_json))
 
 
 @dataclass(frozen=True)
@@ -103,9 +128,19 @@ def load_tokenizer_files(model_path: str | Path, chat_tmpl_path: str | Path | No
     if chat_tmpl_path is not None:
         tmpl_file = Path(chat_tmpl_path)
         if not tmpl_file.is_file():
-            raise PathNotFoundError("", ("chat_tmpl_path",), "no such file; give a Jinja chat template file",
-                                    str(chat_tmpl_path))
-        template = tmpl_file.read_text(encoding="utf-8")
+            raise PathNotFoundError("", ("chat_tmpl_path",), "no such file; give a Jinja chat template file or an "
+                                    "InstructLab template module (.py)", str(chat_tmpl_path))
+        try:
+            template = tmpl_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError("", ("chat_tmpl_path",), f"{tmpl_file} is not UTF-8 text; give a Jinja chat template "
+                              "file or an InstructLab template module (.py)", str(chat_tmpl_path)) from None
+        if looks_like_module(tmpl_file, template):
+            return _module_tokenizer_files(tok, read_template_module(tmpl_file))
+        if not _looks_like_jinja(template):
+            raise ConfigError("", ("chat_tmpl_path",), f"{tmpl_file} is neither a Jinja chat template (it has no "
+                              "{{ }} or {% %} tags) nor an InstructLab template module (a .py file assigning "
+                              "SPECIAL_TOKENS and CHAT_TEMPLATE); give one of those", str(chat_tmpl_path))
         source = str(tmpl_file)
     elif (model / "chat_template.jinja").is_file():
         template = (model / "chat_template.jinja").read_text(encoding="utf-8")
@@ -126,6 +161,55 @@ def load_tokenizer_files(model_path: str | Path, chat_tmpl_path: str | Path | No
         fingerprint=tok.fingerprint,
         template_fingerprint=template_fingerprint(template),
         template_source=source,
+    )
+
+
+def _looks_like_jinja(text: str) -> bool:
+    return "{{" in text or "{%" in text
+
+
+def _module_tokenizer_files(tok: TokenizerIdentity, module: TemplateModule) -> TokenizerFiles:
+    """The tokenizer set up for an InstructLab template module as InstructLab sets it up
+    (template_module.setup_tokenizer), and the role markers its label rule scans for."""
+    from transformers.tokenization_utils_fast import PreTrainedTokenizerFast  # no torch, unlike AutoTokenizer
+
+    where = f"{module.path}"
+    if not module.token("eos"):
+        raise ConfigError("", ("chat_tmpl_path",), f"{where}: SPECIAL_TOKENS has no eos token, which InstructLab's "
+                          "rule for template modules needs (a sample must end with it)", str(module.path))
+    hf = setup_tokenizer(PreTrainedTokenizerFast.from_pretrained(str(tok.tokenizer_json.parent)), module)
+    text = hf.backend_tokenizer.to_str()
+    from tokenizers import Tokenizer
+
+    rust = Tokenizer.from_str(text)
+
+    def ids(s: str) -> tuple[int, ...]:
+        return tuple(rust.encode(s, add_special_tokens=False).ids) if s else ()
+
+    markers = {role: ids(module.token(role)) for role in ("user", "assistant", "system")}
+    tool_response: tuple[int, ...] = ()
+    start, end = ids(module.token("start_role")), ids(module.token("end_role"))
+    if start and end:  # Granite's <|start_of_role|>ROLE<|end_of_role|>
+        markers = {role: start + ids(role) + end for role in ("user", "assistant", "system")}
+        tool_response = start + ids("tool_response") + end
+    eos = ids(module.token("eos"))
+    special = {**tok.special_tokens, **{k: getattr(hf, k) for k in ("bos_token", "eos_token", "pad_token")
+                                        if getattr(hf, k, None)}}
+    vocab_size = max(rust.get_vocab(with_added_tokens=True).values()) + 1
+    h = hashlib.sha256(text.encode())
+    h.update(json.dumps(special, sort_keys=True).encode())
+    return TokenizerFiles(
+        tokenizer_json=tok.tokenizer_json,
+        chat_template=module.chat_template,
+        special_tokens=special,
+        vocab_size=vocab_size,
+        fingerprint=h.hexdigest()[:16],
+        # The label rule differs from a Jinja template's, so the module's tokens count too.
+        template_fingerprint=template_fingerprint("module\n" + module.chat_template + json.dumps(module.tokens)),
+        template_source=str(module.path),
+        tokenizer_text=text,
+        role_markers=RoleMarkers(user=markers["user"], assistant=markers["assistant"], system=markers["system"],
+                                 tool_response=tool_response, eos=eos[0]),
     )
 
 
@@ -245,8 +329,11 @@ class ChatRenderer:
                 k += 1
                 end = field_spans[k][2]
             if index in trained:
-                eot = self._end_of_turn(shape, index)
-                tail = _common_prefix_len(eot, text, end)
+                # An assistant turn trains its end-of-turn (the model must learn to stop);
+                # other turns trained with "unmask" train their content only, as InstructLab does.
+                tail = 0
+                if conv.messages[index].role == "assistant":
+                    tail = _common_prefix_len(self._end_of_turn(shape, index), text, end)
                 spans.append((start, end + tail))
             k += 1
         return text, _merge(spans)

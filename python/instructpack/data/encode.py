@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import kernels
-from .chat import ChatRenderer, TokenizerFiles
+from .chat import ChatRenderer, RoleMarkers, TokenizerFiles
 from .messages import SampleError, decode_line
 from .shards import token_dtype_for
 
-DROP_REASONS = ("too_long", "too_short", "no_trained_tokens")
+DROP_REASONS = ("too_long", "too_short", "no_trained_tokens", "no_end_of_text")
+# InstructLab's length rule (min_seq_len None): at least this many tokens, fewer than max_seq_len.
+INSTRUCTLAB_MIN_TOKENS = 20
 
 
 @dataclass
@@ -61,10 +63,14 @@ def byte_length_table(tokenizer) -> np.ndarray | None:
 
 
 class ChunkEncoder:
-    def __init__(self, files: TokenizerFiles, max_seq_len: int, min_seq_len: int):
-        from tokenizers import Tokenizer, normalizers
+    """`min_seq_len` None keeps what InstructLab keeps (INSTRUCTLAB_MIN_TOKENS <= tokens <
+    max_seq_len); a number keeps min_seq_len <= tokens <= max_seq_len."""
 
-        self.tokenizer = Tokenizer.from_file(str(files.tokenizer_json))
+    def __init__(self, files: TokenizerFiles, max_seq_len: int, min_seq_len: int | None):
+        from tokenizers import normalizers
+
+        self.tokenizer = files.tokenizer()
+        self.role_markers = files.role_markers
         self.renderer = ChatRenderer(files.chat_template, files.special_tokens, files.template_source)
         self.byte_len = byte_length_table(self.tokenizer)
         self.nfc = isinstance(self.tokenizer.normalizer, normalizers.NFC)
@@ -79,7 +85,7 @@ class ChunkEncoder:
         self.certainly_too_long_chars = 4 * max_seq_len * max(longest, 1)
 
     def encode(self, first_line: int, raw_lines: list[bytes]) -> EncodedChunk:
-        texts, spans, line_numbers, invalid = [], [], [], []
+        texts, spans, line_numbers, invalid, unmask = [], [], [], [], []
         too_long_unread = 0
         for number, raw in enumerate(raw_lines, start=first_line):
             if not raw.strip():
@@ -89,11 +95,15 @@ class ChunkEncoder:
                 if _content_chars(conversation) > self.certainly_too_long_chars:
                     too_long_unread += 1
                     continue
-                text, trained_spans = self.renderer.render_with_spans(conversation)
+                if self.role_markers is None:
+                    text, trained_spans = self.renderer.render_with_spans(conversation)
+                else:  # labels come from the tokens (role_marker_mask)
+                    text, trained_spans = self.renderer.render(conversation.as_dicts()), []
             except SampleError as e:
                 invalid.append((number, e.kind, str(e)))
                 continue
             texts.append(text)
+            unmask.append(conversation.unmask)
             spans.append(trained_spans)
             line_numbers.append(number)
 
@@ -107,16 +117,24 @@ class ChunkEncoder:
         np.cumsum(lengths, out=tok_begin[1:])
         ids = np.fromiter(itertools.chain.from_iterable(ids_lists), dtype=np.uint32, count=int(tok_begin[-1]))
 
-        starts, ends, span_starts, span_ends, span_begin = self._offsets_and_spans(ids, tok_begin, texts, spans,
-                                                                                  encodings)
-        mask, trained = kernels.label_mask(starts, ends, tok_begin, span_starts, span_ends, span_begin)
+        if self.role_markers is None:
+            starts, ends, span_starts, span_ends, span_begin = self._offsets_and_spans(ids, tok_begin, texts, spans,
+                                                                                      encodings)
+            mask, trained = kernels.label_mask(starts, ends, tok_begin, span_starts, span_ends, span_begin)
+        else:
+            mask, trained = role_marker_masks(ids, tok_begin, unmask, self.role_markers)
 
         # One reason per dropped sample; later assignments take precedence.
         reason = np.full(len(texts), -1, dtype=np.int8)
-        if self.min_seq_len > 0:
+        if self.min_seq_len is None:
+            reason[lengths < INSTRUCTLAB_MIN_TOKENS] = DROP_REASONS.index("too_short")
+        elif self.min_seq_len > 0:
             reason[lengths < self.min_seq_len] = DROP_REASONS.index("too_short")
+        if self.role_markers is not None:  # InstructLab's rule for modules: end-of-text in the last 3 tokens
+            reason[~_ends_with_eos(ids, tok_begin, self.role_markers.eos)] = DROP_REASONS.index("no_end_of_text")
         reason[trained == 0] = DROP_REASONS.index("no_trained_tokens")
-        reason[lengths > self.max_seq_len] = DROP_REASONS.index("too_long")
+        too_long = lengths >= self.max_seq_len if self.min_seq_len is None else lengths > self.max_seq_len
+        reason[too_long] = DROP_REASONS.index("too_long")
         keep = reason < 0
         keep_tokens = np.repeat(keep, lengths)
         dropped = {r: int((reason == i).sum()) for i, r in enumerate(DROP_REASONS) if (reason == i).any()}
@@ -174,6 +192,55 @@ class ChunkEncoder:
         span_begin = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(span_counts, out=span_begin[1:])
         return (starts, ends, np.asarray(span_starts, np.int64), np.asarray(span_ends, np.int64), span_begin)
+
+
+def role_marker_masks(ids: np.ndarray, tok_begin: np.ndarray, unmask: list[bool],
+                      markers: RoleMarkers) -> tuple[np.ndarray, np.ndarray]:
+    """InstructLab's labels for template modules (its `unmask_message_content`): scanning
+    each sample's tokens, a role marker (the longest that matches; its tokens are never
+    trained) starts a stretch that is trained up to the next marker when the marker is the
+    assistant's, or, with "unmask", any but the system's. Returns (mask per token, trained
+    tokens per sample)."""
+    sequences = [(name, np.asarray(seq, dtype=ids.dtype)) for name, seq in
+                 (("user", markers.user), ("assistant", markers.assistant), ("system", markers.system),
+                  ("tool_response", markers.tool_response)) if seq]
+    mask = np.zeros(len(ids), dtype=np.uint8)
+    trained = np.zeros(len(tok_begin) - 1, dtype=np.int64)
+    for s in range(len(tok_begin) - 1):
+        begin, end = int(tok_begin[s]), int(tok_begin[s + 1])
+        sample = ids[begin:end]
+        # Per position, the longest marker that starts there (markers are rare: the scan
+        # below visits only them).
+        longest = np.zeros(len(sample), dtype=np.int64)
+        kind = np.full(len(sample), -1, dtype=np.int64)
+        for k, (_, seq) in enumerate(sequences):
+            if len(seq) > len(sample):
+                continue
+            windows = np.lib.stride_tricks.sliding_window_view(sample, len(seq))
+            at = np.flatnonzero((windows == seq).all(axis=1))
+            longer = at[len(seq) > longest[at]]
+            longest[longer], kind[longer] = len(seq), k
+        training, pos = False, 0
+        for at in np.flatnonzero(longest):
+            if at < pos:
+                continue  # inside the marker just passed
+            if training:
+                mask[begin + pos:begin + at] = 1
+            name = sequences[kind[at]][0]
+            training = name == "assistant" or (unmask[s] and name != "system")
+            pos = int(at + longest[at])
+        if training:
+            mask[begin + pos:end] = 1
+        trained[s] = int(mask[begin:end].sum())
+    return mask, trained
+
+
+def _ends_with_eos(ids: np.ndarray, tok_begin: np.ndarray, eos: int) -> np.ndarray:
+    """Per sample: is `eos` among its last 3 tokens (InstructLab's check_valid_sample)?"""
+    out = np.zeros(len(tok_begin) - 1, dtype=bool)
+    for s in range(len(out)):
+        out[s] = eos in ids[max(int(tok_begin[s]), int(tok_begin[s + 1]) - 3):int(tok_begin[s + 1])]
+    return out
 
 
 def _content_chars(conversation) -> int:

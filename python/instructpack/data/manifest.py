@@ -55,7 +55,7 @@ class SourceInfo(msgspec.Struct, kw_only=True):
 
 class Settings(msgspec.Struct, kw_only=True):
     max_seq_len: int
-    min_seq_len: int
+    min_seq_len: int | None  # None: InstructLab's rule (data/encode.py)
     skip_invalid_lines: bool
 
 
@@ -82,9 +82,14 @@ class SyntheticInfo(msgspec.Struct, kw_only=True):
     trained: str  # "all" or "runs" (data/synthetic.py)
 
 
+class ImportInfo(msgspec.Struct, kw_only=True):
+    format: str  # what the shards were converted from (data/instructlab_jsonl.py)
+
+
 class Manifest(msgspec.Struct, kw_only=True):
     """Preprocessed datasets fill every field; synthetic ones have `synthetic` instead of
-    source, chat template, settings, counts and lengths."""
+    source, chat template, settings, counts and lengths; imported ones (InstructLab's
+    data.jsonl) have `imported` instead of chat template and settings."""
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
     shards: Annotated[list[ShardEntry], msgspec.Meta(min_length=1, description="a non-empty list of shard entries")]
@@ -97,6 +102,7 @@ class Manifest(msgspec.Struct, kw_only=True):
     fingerprint: str | None = None  # preprocessing's reuse key (data/preprocess.py)
     elapsed_s: float | None = None
     synthetic: SyntheticInfo | None = None
+    imported: ImportInfo | None = None
 
 
 def encode_manifest(manifest: Manifest) -> bytes:

@@ -251,7 +251,7 @@ def _process(plan: PreprocessPlan, write: DatasetWrite, progress: bool | None, s
         counts=Counts(samples=samples, tokens=tokens, trained_tokens=trained_tokens,
                       dropped={r: dropped.get(r, 0) for r in encode.DROP_REASONS},
                       invalid_lines=sum(invalid_reasons.values()), invalid_reasons=dict(invalid_reasons)),
-        lengths=_length_stats(lengths),
+        lengths=length_stats(lengths),
         shards=shards,
     )
     return manifest, invalid_examples
@@ -260,7 +260,7 @@ def _process(plan: PreprocessPlan, write: DatasetWrite, progress: bool | None, s
 _SKIP_HINT = " (fix the line, or set skip_invalid_lines / --skip-invalid-lines to skip bad lines and report them)"
 
 
-def _length_stats(lengths: np.ndarray) -> LengthStats:
+def length_stats(lengths: np.ndarray) -> LengthStats:
     q = np.percentile(lengths, [50, 90, 99])
     return LengthStats(min=int(lengths.min()), mean=round(float(lengths.mean()), 1), p50=int(q[0]), p90=int(q[1]),
                        p99=int(q[2]), max=int(lengths.max()))
@@ -279,8 +279,11 @@ def _progress_bar(progress: bool | None):
 def format_summary(manifest: Manifest, output_path: Path, reused: bool = False) -> str:
     c = manifest.counts
     d = c.dropped
+    made = f"{'reused' if reused else 'wrote'} {output_path} ({len(manifest.shards)} shard(s))"
+    if manifest.imported is not None:
+        made += f", converted from {manifest.source.path} ({manifest.imported.format})"
     lines = [
-        f"{'reused' if reused else 'wrote'} {output_path} ({len(manifest.shards)} shard(s))",
+        made,
         f"  samples kept     {c.samples:>12,}",
         f"  dropped          {sum(d.values()):>12,}  " + ", ".join(f"{k}: {v:,}" for k, v in d.items()),
         f"  invalid lines    {c.invalid_lines:>12,}"

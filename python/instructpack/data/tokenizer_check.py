@@ -37,7 +37,7 @@ def check_dataset_matches_model(dataset_path: str | Path, model_path: str | Path
             f"{made_with.fingerprint}, {made_with.vocab_size} ids), not the one of the model "
             f"{model_path} (fingerprint {tokenizer.fingerprint}, {tokenizer.vocab_size} ids): its token ids would "
             f"mean other text to this model; {fix}")
-    if chat_tmpl_path is not None:
+    if chat_tmpl_path is not None and manifest.imported is None:  # InstructLab's data.jsonl records no template
         rendered_with = manifest.chat_template
         fingerprint = rendered_with.fingerprint if rendered_with is not None else None
         if fingerprint != tokenizer.template_fingerprint:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ...config import DistributedBackend, TrainingArgs
+from ...data.template_module import looks_like_module, read_template_module, setup_tokenizer
 from ..precision import Precision, decide_precision
 from . import attention, lora
 from .layers import enable_activation_checkpointing
@@ -75,10 +76,16 @@ def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None 
 
 def load_tokenizer(args: TrainingArgs):
     """The model's tokenizer; a chat_tmpl_path template replaces its own, so the saved
-    checkpoint renders conversations exactly as the training data was rendered."""
+    checkpoint renders conversations exactly as the training data was rendered. An InstructLab
+    template module also registers its special tokens, as preprocessing did (the launcher
+    checked that the dataset was made with this template)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
     if args.chat_tmpl_path:
-        tokenizer.chat_template = Path(args.chat_tmpl_path).read_text(encoding="utf-8")
+        path = Path(args.chat_tmpl_path)
+        text = path.read_text(encoding="utf-8")
+        if looks_like_module(path, text):
+            return setup_tokenizer(tokenizer, read_template_module(path))
+        tokenizer.chat_template = text
     return tokenizer
