@@ -1,5 +1,6 @@
 """The dataset the workers read: preprocessed now from data_path (or reused), given as it
-is in data_output_dir (process_data=False), or random tokens (mock_data). Checked here, in
+is in data_output_dir (process_data=False; InstructLab's data.jsonl there is converted
+once), or random tokens (mock_data). Checked here, in
 the launcher, so that bad data fails before any worker starts."""
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataProcessArgs, TrainingArgs
-from ..data.manifest import MANIFEST
+from ..data.instructlab_jsonl import has_instructlab_data, import_instructlab_data
+from ..data.manifest import MANIFEST, read_manifest
 from ..data.preprocess import PreprocessPlan, plan_preprocessing, run_preprocessing
 from ..data.sampler import check_plan_settings
 from ..data.shards import load_dataset
@@ -44,6 +46,10 @@ def prepare_dataset(args: TrainingArgs, world_size: int = 1,
         result = run_preprocessing(plan)
         print(result.summary(), flush=True)
         path, just_written = result.output_path, not result.reused
+    elif _instructlab_data_to_import(Path(args.data_output_dir)):
+        result = import_instructlab_data(args.data_output_dir, args.model_path)
+        print(result.summary(), flush=True)
+        path, just_written = result.output_path, not result.reused
     else:
         path = Path(args.data_output_dir)
     dataset = load_dataset(path, verify=not just_written)  # DatasetError names the file and the fix
@@ -63,6 +69,15 @@ def prepare_dataset(args: TrainingArgs, world_size: int = 1,
     check_plan_settings(dataset.lengths, effective_batch_size=args.effective_batch_size,
                         max_batch_len=args.max_batch_len, world_size=world_size)
     return path
+
+
+def _instructlab_data_to_import(directory: Path) -> bool:
+    """process_data=False over a directory InstructLab preprocessed (its data.jsonl): train
+    what it made, converted (once) into shards beside it. A dataset of instructpack's own
+    there is trained as it is."""
+    if not has_instructlab_data(directory):
+        return False
+    return not (directory / MANIFEST).is_file() or read_manifest(directory).imported is not None
 
 
 def _check_resumed_data(plan: PreprocessPlan, checkpoint: Path | None, state: TrainerState | None) -> None:
