@@ -131,3 +131,25 @@ def test_mistral_module_keeps_its_markers_as_text(tmp_path, tokenizer_dirs):
         trained = tok.decode([int(x) for x, y in zip(ds[i]["input_ids"], ds[i]["labels"]) if y != -100])
         assert trained == _trained_text(rendered, {"user": "[INST]", "assistant": "[/INST]"},
                                         sample.get("unmask", False))
+
+
+def test_use_legacy_tmpl_trains_with_instructlabs_legacy_module(tmp_path, model, recorded_launch):
+    from instructpack import run_training
+    from instructpack.data.manifest import read_manifest
+    from instructpack.train.model.load import load_tokenizer
+
+    from support.launching import small_args
+
+    args = small_args(tmp_path, model, use_legacy_tmpl=True)
+    run_training(training_args=args)
+    assert args.chat_tmpl_path is None  # the caller's object is left as it was
+    (_, job), = recorded_launch
+    assert job.training_args.chat_tmpl_path == ibm_legacy_tmpl.__file__
+    assert read_manifest(job.dataset_path).chat_template.path == ibm_legacy_tmpl.__file__
+    # The workers' tokenizer (saved with every checkpoint) is set up as preprocessing's was.
+    tok = load_tokenizer(job.training_args)
+    assert tok.chat_template == ibm_legacy_tmpl.CHAT_TEMPLATE
+    assert {"<|system|>", "<|user|>", "<|assistant|>", "<|endoftext|>"} <= set(tok.all_special_tokens)
+    assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<|pad|>"
+    ids = load_dataset(job.dataset_path)[0]["input_ids"].tolist()
+    assert tok.decode(ids).startswith("<|user|>\n")
