@@ -255,7 +255,8 @@ class TrainingArgs(ConfigModel, kw_only=True):
     gradient_checkpointing: bool = True
     use_liger: bool = False
     """Use SDPA instead of flash-attention (older GPUs); recompute activations in the backward
-    pass to save memory; `use_liger` is accepted for compatibility and has no effect."""
+    pass to save memory. `use_liger` (Liger kernels) is not built yet: True is refused by
+    run_training."""
     trust_remote_code: bool = False
     """Allow model_path to run its own Python code (custom architectures); off by default."""
 
