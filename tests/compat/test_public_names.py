@@ -59,7 +59,8 @@ def test_enums_have_instructlabs_members():
     for name, members in MEMBERS.items():
         assert [(m.name, m.value) for m in getattr(instructpack, name)] == members
     # InstructLab's two backends, and instructpack's plain DDP beside them.
-    assert {("FSDP", "fsdp"), ("DEEPSPEED", "deepspeed")} <= {(m.name, m.value) for m in instructpack.DistributedBackend}
+    backends = {(m.name, m.value) for m in instructpack.DistributedBackend}
+    assert {("FSDP", "fsdp"), ("DEEPSPEED", "deepspeed")} <= backends
 
 
 def test_modules_user_code_imports():
