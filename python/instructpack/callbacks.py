@@ -1,13 +1,34 @@
 """Callbacks: user code called at named points of the training loop, as in InstructLab
 Training 0.16 (`TrainingArgs.callbacks=[MyCallback()]`). Subclass TrainerCallback and
 override the hooks you need; each receives a TrainingContext, a snapshot of the state of
-training at that point. No torch here."""
+training at that point. No torch here.
+
+How they reach the workers: the launcher pickles the instances with cloudpickle, which
+carries a class defined in the user's own script (`__main__`, not importable by the
+workers) by value, and an importable one by reference; each worker unpickles its own copy,
+with the state the instance had (InstructLab re-runs the class source with no constructor
+arguments, losing it). A callback that cannot be pickled (an open file, a lock) is refused
+before launch, naming it.
+
+How they run (`CallbackRunner`): on every rank, in the training loop itself, in the order
+given, each with its own copy of the context (a callback cannot change another's view or
+the run's state). A hook that raises is logged with its traceback, once per callback and
+hook, and training goes on: a callback observes the run, it never ends it.
+"""
 
 from __future__ import annotations
 
+import base64
+import copy
 import dataclasses
+import logging
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 HOOK_NAMES = (
     "on_train_begin",
@@ -103,3 +124,78 @@ class TrainerCallback:
 
     def on_train_end(self, context: TrainingContext) -> None:
         pass
+
+
+
+def check_callbacks(callbacks: Any) -> list[TrainerCallback]:
+    """The callbacks as a list of TrainerCallback instances; ConfigError naming the culprit."""
+    if callbacks is None:
+        return []
+    if not isinstance(callbacks, (list, tuple)):
+        raise ConfigError("training_args", ("callbacks",), "must be a list of TrainerCallback instances",
+                          callbacks)
+    for i, callback in enumerate(callbacks):
+        if isinstance(callback, type):
+            raise ConfigError("training_args", (f"callbacks[{i}]",), "is a class; pass an instance: "
+                              f"callbacks=[{callback.__name__}()]", callback)
+        if not isinstance(callback, TrainerCallback):
+            raise ConfigError("training_args", (f"callbacks[{i}]",), "is not a TrainerCallback (subclass "
+                              "instructpack.TrainerCallback and override the hooks you need)", callback)
+    return list(callbacks)
+
+
+def pack_callbacks(callbacks: list[TrainerCallback]) -> str | None:
+    """The callbacks as text for the job file (base64 of a cloudpickle); None for none."""
+    if not callbacks:
+        return None
+    import cloudpickle
+
+    for i, callback in enumerate(callbacks):
+        try:
+            cloudpickle.dumps(callback)
+        except Exception as e:  # what pickling raises depends on the object it meets
+            raise ConfigError("training_args", (f"callbacks[{i}]",), f"{type(callback).__name__} cannot be sent "
+                              f"to the workers ({type(e).__name__}: {e}); keep open files, locks and clients out "
+                              "of the instance (create them in on_train_begin)", callback) from None
+    return base64.b64encode(cloudpickle.dumps(list(callbacks))).decode("ascii")
+
+
+def unpack_callbacks(text: str | None) -> list[TrainerCallback]:
+    if not text:
+        return []
+    import pickle
+
+    return pickle.loads(base64.b64decode(text))  # written by this run's launcher (pack_callbacks)
+
+
+class CallbackRunner:
+    """Calls the hooks; `context` is the run's state, kept current by the training loop."""
+
+    def __init__(self, callbacks: list[TrainerCallback], context: TrainingContext):
+        self.callbacks = callbacks
+        self.context = context
+        self.failures: dict[tuple[str, str], int] = {}
+        # Only hooks some callback overrides are dispatched (the per-micro-batch ones are hot).
+        self._overridden = {name: [cb for cb in callbacks if getattr(type(cb), name) is not
+                                   getattr(TrainerCallback, name)] for name in HOOK_NAMES}
+
+    def wants(self, hook: str) -> bool:
+        return bool(self._overridden[hook])
+
+    def fire(self, hook: str, **fields: Any) -> None:
+        """Calls `hook` of every callback that overrides it, with the context as it is now
+        plus `fields` (for this call only)."""
+        for callback in self._overridden[hook]:
+            snapshot = copy.deepcopy(dataclasses.replace(self.context, hook_name=hook, **fields))
+            try:
+                getattr(callback, hook)(snapshot)
+            except Exception:
+                key = (type(callback).__name__, hook)
+                self.failures[key] = self.failures.get(key, 0) + 1
+                if self.failures[key] == 1:
+                    log.error("callback %s.%s raised at step %d (training goes on; later failures of this hook "
+                              "are counted, not logged):\n%s", *key, self.context.step, traceback.format_exc())
+
+    def close(self) -> None:
+        for (name, hook), count in self.failures.items():
+            log.warning("callback %s.%s raised %d time(s) in this run", name, hook, count)

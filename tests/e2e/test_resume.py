@@ -263,3 +263,35 @@ def test_a_launcher_killed_alone_takes_its_job_with_it_and_a_rerun_resumes_exact
     run_training(TorchrunArgs(nproc_per_node=2), args)  # at once: no port, lock or worker is left in the way
     assert "resumed from" in (out / "training.log").read_text()
     assert_same_run(out, expected)
+
+
+@pytest.mark.parametrize("request_by", ["trigger-file", "SIGUSR2"])
+def test_on_demand_checkpoint_saves_stops_and_the_run_resumes(workspace, tmp_path, monkeypatch, request_by):
+    """on_demand_checkpointing: InstructLab's trigger file in /dev/shm (one left over from
+    before the run asks nothing), or a signal only this mode catches, makes every rank save
+    the full state after the current step and exit; the job then resumes exactly."""
+    trigger = Path("/dev/shm") / f"instructpack-test-{os.getpid()}-{request_by}"
+    monkeypatch.setenv("CHECKPOINT_TRIGGER_FILENAME", trigger.name)
+    trigger.write_text("left by an earlier run\n")
+    os.utime(trigger, (time.time() - 3600, time.time() - 3600))
+    args = training_args(workspace, f"on-demand-{request_by}", distributed_backend="ddp", full_state_every_steps=0,
+                         accelerate_full_state_at_epoch=False, on_demand_checkpointing=True)
+    try:
+        proc, seen = start_slow_run(args, tmp_path, until="step 2/")
+        if request_by == "trigger-file":
+            trigger.write_text("1")  # what InstructLab's launcher (or the user's tooling) writes
+        else:
+            proc.send_signal(signal.SIGUSR2)
+        rest, _ = proc.communicate(timeout=60)
+        output = "".join(seen) + rest
+        assert proc.returncode == 75, output[-3000:]
+        step = int(output.split("STOPPED ")[1].split()[0])
+        assert 2 <= step < TOTAL_STEPS
+        assert (f"the checkpoint trigger {trigger}" if request_by == "trigger-file" else "SIGUSR2") in output
+        assert trigger.exists() is (request_by != "trigger-file")  # a trigger is used up by its checkpoint
+        out = Path(args.ckpt_output_dir)
+        assert [c.name for c in complete_checkpoints(out)] == [f"step_{step}"]
+    finally:
+        trigger.unlink(missing_ok=True)
+    run_training(TorchrunArgs(nproc_per_node=2), args)
+    assert_same_run(out, reference(workspace, "ddp", distributed_backend="ddp"))

@@ -12,15 +12,17 @@ from __future__ import annotations
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..callbacks import pack_callbacks
 from ..config import TorchrunArgs, TrainingArgs
 from ..config_base import build
 from ..data.manifest import read_manifest
 from ..train.checkpoints.identity import DatasetSummary, check_fingerprint, run_fingerprint
 from ..train.checkpoints.resumable import select_checkpoint
-from ..train.job import JobConfig, job_file, write_job
+from ..train.job import JobConfig, job_file, stop_signals, write_job
 from .checks import check_before_launch
 from .dataset import prepare_dataset
 from .diagnosis import diagnose
@@ -47,13 +49,17 @@ def run_training(torchrun_args: TorchrunArgs | Mapping | None = None,
     # Checked and read as InstructLab reads them, into copies: the caller's objects stay as they are.
     torchrun_args, training_args = effective_settings(torchrun_args or TorchrunArgs(), training_args)
     world_size = check_before_launch(torchrun_args, training_args)
+    # The callbacks travel pickled beside the settings (callbacks.py): refused now if they cannot.
+    callbacks = pack_callbacks(training_args.callbacks)
+    training_args.callbacks = None
     out = Path(training_args.ckpt_output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with own_output_dir(out, torchrun_args):  # one run per ckpt_output_dir (ownership.py)
-        _run(torchrun_args, training_args, world_size, out)
+        _run(torchrun_args, training_args, world_size, out, callbacks)
 
 
-def _run(torchrun_args: TorchrunArgs, training_args: TrainingArgs, world_size: int, out: Path) -> None:
+def _run(torchrun_args: TorchrunArgs, training_args: TrainingArgs, world_size: int, out: Path,
+         callbacks: str | None = None) -> None:
     """The run itself, in the output directory this launcher owns: resume checks, the
     dataset, the job file, then torchrun until it ends."""
     # A run that cannot resume the newest full state that verifies is refused before
@@ -72,10 +78,11 @@ def _run(torchrun_args: TorchrunArgs, training_args: TrainingArgs, world_size: i
     job = write_job(out / job_file(torchrun_args.node_rank), JobConfig(
         training_args=training_args, dataset_path=str(dataset_path), dataset_identity=dataset.identity,
         status_dir=str(status_dir), resume_from=str(checkpoint) if checkpoint else None, resume_checked=True,
-        node_rank=torchrun_args.node_rank, progress_bar=sys.stderr.isatty()))
+        node_rank=torchrun_args.node_rank, progress_bar=sys.stderr.isatty(), callbacks=callbacks,
+        started_at=time.time()))
     log_path = out / log_file(torchrun_args.node_rank)
     try:
-        with stop_requests(status_dir):
+        with stop_requests(status_dir, stop_signals(training_args)):
             exit_code, tail = run_logged(torchrun_command(torchrun_args, job, status_dir), worker_env(torchrun_args),
                                          log_path)
         if exit_code != 0:

@@ -19,6 +19,7 @@ import copy
 from pathlib import Path
 
 from .. import chat_templates
+from ..callbacks import check_callbacks
 from ..config import TorchrunArgs, TrainingArgs
 from ..environment import collective_timeout_s, trust_remote_code_from_env
 from ..errors import ConfigError
@@ -48,13 +49,13 @@ def effective_settings(t: TorchrunArgs, args: TrainingArgs) -> tuple[TorchrunArg
     collective_timeout_s()  # the workers read it; a bad value is reported now, not by every rank
     args.trust_remote_code = bool(args.trust_remote_code or trust_remote_code_from_env())
     args.model_path = resolve_model_path(args.model_path, trust_remote_code=args.trust_remote_code)
+    args.callbacks = check_callbacks(args.callbacks) or None
     _refuse_what_is_not_built_yet(args)
     return t, args
 
 
 def _refuse_what_is_not_built_yet(args: TrainingArgs) -> None:
-    planned = {"callbacks": bool(args.callbacks), "validation_split": args.validation_split > 0,
-               "on_demand_checkpointing": args.on_demand_checkpointing,
+    planned = {"validation_split": args.validation_split > 0,
                "pretraining_config": args.pretraining_config is not None, "use_liger": args.use_liger}
     for name, asked in planned.items():
         if asked:

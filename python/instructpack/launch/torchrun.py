@@ -95,9 +95,10 @@ class _StopNow(BaseException):
 
 
 @contextlib.contextmanager
-def stop_requests(status_dir: Path):
-    """While the workers run, the first SIGTERM/SIGUSR1 makes a stop request (each worker
-    checks for it after every step) and the second stops them at once. Signal handlers can
+def stop_requests(status_dir: Path, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
+    """While the workers run, the first of `signals` (SIGTERM/SIGUSR1; with on-demand
+    checkpointing, job.ON_DEMAND_SIGNALS) makes a stop request (each worker checks for it
+    after every step) and the second stops them at once. Signal handlers can
     only be set from the main thread; elsewhere the workers are still stopped by signals
     sent to them directly."""
     if threading.current_thread() is not threading.main_thread():
@@ -107,14 +108,14 @@ def stop_requests(status_dir: Path):
     def on_signal(signum: int, frame) -> None:
         name = signal.Signals(signum).name
         if stop_requested(status_dir) is not None:
-            for sig in STOP_SIGNALS:  # stopping now: later signals must not cut that short
+            for sig in signals:  # stopping now: later signals must not cut that short
                 signal.signal(sig, signal.SIG_IGN)
             raise _StopNow(f"a second {name}")
         request_stop(status_dir, f"{name} to the launcher")
         print(f"\n{name}: the workers stop after the current step and save the training state; send it again "
               "to stop them at once", file=sys.stderr, flush=True)
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, on_signal) for sig in signals}
     try:
         yield
     except _StopNow as e:  # the workers may have saved before the second signal

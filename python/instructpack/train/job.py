@@ -20,6 +20,7 @@ a requested stop ended. No torch here.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 import traceback
@@ -33,6 +34,20 @@ from ..fileio import replace_file
 STOP_FILE = "STOP"
 STOPPED_FILE = "stopped.json"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # ask a run to save its state and stop
+# With on_demand_checkpointing, every signal a scheduler or Kubernetes may send before its
+# SIGKILL asks the same (InstructLab's set), and so does InstructLab's trigger file:
+# /dev/shm/$CHECKPOINT_TRIGGER_FILENAME (default checkpoint_requested), written by the
+# user's tooling on any node.
+ON_DEMAND_SIGNALS = STOP_SIGNALS + (signal.SIGINT, signal.SIGUSR2, signal.SIGXCPU, signal.SIGHUP)
+TRIGGER_DIR = Path("/dev/shm")
+
+
+def stop_signals(args: TrainingArgs) -> tuple[signal.Signals, ...]:
+    return ON_DEMAND_SIGNALS if args.on_demand_checkpointing else STOP_SIGNALS
+
+
+def checkpoint_trigger() -> Path:
+    return TRIGGER_DIR / os.environ.get("CHECKPOINT_TRIGGER_FILENAME", "checkpoint_requested")
 
 
 def job_file(node_rank: int) -> str:
@@ -58,6 +73,12 @@ class JobConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     resume_checked: bool = False
     node_rank: int = 0  # the machine this job file is for
     progress_bar: bool = False  # the launcher's console is a terminal
+    # TrainingArgs.callbacks, pickled by the launcher (callbacks.pack_callbacks); the job's
+    # training_args hold None there.
+    callbacks: str | None = None
+    # When the launcher started (time.time() on this machine): a checkpoint trigger file
+    # older than that was left by another run and asks nothing of this one.
+    started_at: float = 0.0
 
 
 class FailureRecord(msgspec.Struct, kw_only=True):

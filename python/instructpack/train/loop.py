@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 import torch
 
+from ..callbacks import CallbackRunner, TrainerCallback, TrainingContext
 from ..config import TrainingArgs
 from ..data.loader import Step, StepLoader
 from ..data.sampler import MultipackSampler
@@ -66,11 +67,33 @@ class TrainResult:
     checkpoint: Path | None = None  # the full-state checkpoint written when it stopped
 
 
+def callback_context(args: TrainingArgs, world: World, progress: Progress, epoch: int) -> TrainingContext:
+    return TrainingContext(step=progress.step, epoch=epoch, total_samples=progress.samples,
+                           total_tokens=progress.tokens, elapsed_time=progress.elapsed_s,
+                           output_dir=args.ckpt_output_dir, model_name_or_path=args.model_path,
+                           max_epochs=args.num_epochs, world_size=world.world_size,
+                           is_local_process_zero=world.local_rank == 0, is_world_process_zero=world.is_main)
+
+
+def _after_step(context: TrainingContext, record: StepRecord) -> None:
+    """The context after a step, with InstructLab's names for the numbers."""
+    context.step, context.epoch = record.step, record.epoch
+    context.total_samples, context.total_tokens = record.total_samples, context.total_tokens + record.tokens
+    context.loss, context.learning_rate, context.grad_norm = record.loss, record.lr, record.grad_norm
+    context.elapsed_time = record.elapsed_s
+    context.overall_throughput = record.samples_per_s
+    context.cuda_mem_allocated = record.peak_memory_mib / 1024 if torch.cuda.is_available() else None
+    context.batch_metrics = {"total_samples": record.samples, "total_length": record.tokens,
+                             "num_loss_counted_tokens": record.trained_tokens,
+                             "num_minibatches": record.micro_batches, **msgspec.structs.asdict(record)}
+
+
 def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, dataset: TokenDataset,
           *, progress_bar: bool = False, stop: StopRequest | None = None,
-          precision: Precision | None = None, resume_choice: LauncherChoice | None = None) -> TrainResult:
+          precision: Precision | None = None, resume_choice: LauncherChoice | None = None,
+          callbacks: list[TrainerCallback] | None = None) -> TrainResult:
     """Runs every epoch, or what is left of them after the newest full-state checkpoint (the
-    launcher's `resume_choice` when it made one)."""
+    launcher's `resume_choice` when it made one), calling `callbacks`' hooks on the way."""
     stop = stop or StopRequest()
     sampler = training_sampler(args, world, dataset)
     loader = StepLoader(dataset, sampler, pin_memory=world.device.type == "cuda")
@@ -93,15 +116,22 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
                     "start, delete %s or use another ckpt_output_dir", resumed_from, resumed_from.parent)
     log.info("training: %d samples, %d epochs of %d steps, %d processes (%s)", len(dataset), args.num_epochs,
              sampler.steps_per_epoch, world.world_size, backend.name)
+    hooks = CallbackRunner(callbacks or [], callback_context(args, world, progress, sampler.epoch))
+    hooks.fire("on_train_begin")
 
     start = time.perf_counter() - progress.elapsed_s  # a resumed run's clock goes on
     stopped_by, saved = None, None
     try:
         while sampler.epoch < args.num_epochs and stopped_by is None:
+            hooks.context.epoch = sampler.epoch
+            hooks.fire("on_epoch_begin")
             for step in loader:
                 reset_peak_memory(world.device)
-                step_result = run_step(backend, step, scheduler, device=world.device)
+                hooks.fire("on_step_begin", step=progress.step + 1)
+                step_result = run_step(backend, step, scheduler, device=world.device, hooks=hooks, world=world)
                 record = step_record(step, step_result, world, progress.step + 1, progress.samples, start)
+                _after_step(hooks.context, record)
+                hooks.fire("on_log")
                 progress = Progress(step=record.step, samples=record.total_samples,
                                     tokens=progress.tokens + record.tokens, elapsed_s=record.elapsed_s)
                 if metrics is not None:
@@ -113,8 +143,9 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
                              record.tokens_per_s)
                 epoch_end, last_step = step.step == sampler.steps_per_epoch - 1, progress.step == total_steps
                 if checkpoints.due(progress.step, epoch_end, last_step):
-                    save_hf_checkpoint(backend, tokenizer, checkpoint_dir(
-                        args.ckpt_output_dir, progress.samples, args.keep_last_checkpoint_only), world, args.lora)
+                    directory = checkpoint_dir(args.ckpt_output_dir, progress.samples, args.keep_last_checkpoint_only)
+                    save_hf_checkpoint(backend, tokenizer, directory, world, args.lora)
+                    hooks.fire("on_save", checkpoint_path=str(directory))
                 if native_checkpoints is not None and native_checkpoints.due(progress.step, epoch_end, last_step):
                     save_native_checkpoint(backend, checkpoint_dir(
                         args.ckpt_output_dir, progress.samples, args.keep_last_checkpoint_only, DEEPSPEED_FORMAT),
@@ -123,14 +154,21 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
                 if stopping or full_states.due(progress.step, epoch_end, last_step):
                     saved = save_full_state(args.ckpt_output_dir, backend, scheduler, sampler, progress,
                                             fingerprint, world, dataset=summary, keep_last=args.full_state_keep_last)
+                hooks.fire("on_step_end")
+                if epoch_end:
+                    hooks.fire("on_epoch_end")
                 if stopping:
                     stopped_by = stop.reason()
+                    if world.local_rank == 0:
+                        stop.consume_trigger()
                     if world.is_main:
                         log.warning("stopped by %s after step %d/%d; the full training state is in %s: run the "
                                     "same job again to resume", stopped_by, progress.step, total_steps, saved)
                     break
+        hooks.fire("on_train_end")
     finally:
         bar.close()
+        hooks.close()
         if metrics is not None:
             metrics.close()
     if stopped_by is None:

@@ -17,9 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..callbacks import CallbackRunner
 from ..data.collate import IGNORE_INDEX, MicroBatch
 from ..data.loader import Step
 from .backends import Backend
+from .distributed import World, all_reduce
 from .model.layers import hf_model
 from .optim import MAX_GRAD_NORM
 
@@ -87,12 +89,15 @@ def stand_in(mb: MicroBatch, device: torch.device) -> MicroBatch:
 
 
 def run_step(backend: Backend, step: Step, scheduler: torch.optim.lr_scheduler.LRScheduler | None, *,
-             device: torch.device, max_grad_norm: float = MAX_GRAD_NORM) -> StepResult:
+             device: torch.device, max_grad_norm: float = MAX_GRAD_NORM, hooks: CallbackRunner | None = None,
+             world: World | None = None) -> StepResult:
     """Forward and backward over the step's micro-batches, then clip and update.
 
     Every backend averages gradients over ranks, while the step loss is already normalised
     by the step-wide target count, so each loss is multiplied by `backend.grad_scale` (the
-    world size) to turn the average back into the sum.
+    world size) to turn the average back into the sum. `hooks`: the callbacks' per
+    micro-batch and optimizer hooks (`world` then gives the step's loss over all ranks to
+    on_pre_optimizer_step, as InstructLab does).
     """
     start = time.perf_counter()
     denominator = max(step.targets, 1)  # a step with no targets at all updates nothing
@@ -101,18 +106,28 @@ def run_step(backend: Backend, step: Step, scheduler: torch.optim.lr_scheduler.L
     last = len(step.micro_batches) - 1
     for i, mb in enumerate(step.micro_batches):
         mb = stand_in(mb, device) if mb.empty else mb.to(device, non_blocking=True)
+        if hooks is not None:
+            hooks.fire("on_before_forward")
         with backend.sync(last=i == last):  # what can wait for the step's last backward waits
             with backend.autocast():
                 loss = summed_loss(backend.module, mb)
             backend.backward(loss * (backend.grad_scale / denominator))
+        if hooks is not None:
+            hooks.fire("on_after_backward")
         loss_sum += loss.detach()
         targets += mb.num_targets
         tokens += mb.num_tokens
         samples += mb.num_samples
     lr = backend.lr
+    if hooks is not None and hooks.wants("on_pre_optimizer_step"):
+        # Every rank has the same callbacks, so every rank joins this collective.
+        (total,) = all_reduce([loss_sum.item()], world) if world is not None else [loss_sum.item()]
+        hooks.fire("on_pre_optimizer_step", loss=total / denominator, learning_rate=lr)
     grad_norm = backend.step(max_grad_norm)
     if scheduler is not None:
         scheduler.step()
+    if hooks is not None:
+        hooks.fire("on_optimizer_step", learning_rate=lr, grad_norm=grad_norm)
     return StepResult(loss_sum=loss_sum.item(), targets=targets, tokens=tokens, samples=samples,
                       micro_batches=len(step.micro_batches), grad_norm=grad_norm, lr=lr,
                       seconds=time.perf_counter() - start)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..callbacks import unpack_callbacks
 from ..config import DistributedBackend
 from ..data.shards import load_dataset
 from ..errors import DatasetError
@@ -27,7 +28,16 @@ from ..locks import hold_shared_until_exit
 from .checkpoints.full_state import LauncherChoice
 from .checkpoints.identity import dataset_identity
 from .distributed import World, init_distributed, shutdown
-from .job import JobConfig, StopRecord, read_job, workers_lock, write_failure, write_stopped
+from .job import (
+    JobConfig,
+    StopRecord,
+    checkpoint_trigger,
+    read_job,
+    stop_signals,
+    workers_lock,
+    write_failure,
+    write_stopped,
+)
 from .loop import TrainResult, train
 from .model.load import load_model, load_tokenizer
 from .precision import decide_precision
@@ -71,7 +81,7 @@ def run(job: JobConfig, world: World, stop: StopRequest | None = None) -> TrainR
                        precision=precision)
     choice = LauncherChoice(job.resume_from) if job.resume_checked else None
     return train(args, world, model, tokenizer, dataset, progress_bar=job.progress_bar, stop=stop,
-                 precision=precision, resume_choice=choice)
+                 precision=precision, resume_choice=choice, callbacks=unpack_callbacks(job.callbacks))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         status_dir = job.status_dir
         hold_shared_until_exit(Path(job.training_args.ckpt_output_dir) / workers_lock(job.node_rank))
         setup_logging(job.training_args.log_level, rank)
-        stop = StopRequest(job.status_dir).install()  # first: a signal may come at any time
+        args = job.training_args
+        stop = StopRequest(job.status_dir, trigger=checkpoint_trigger() if args.on_demand_checkpointing else None,
+                           since=job.started_at).install(stop_signals(args))  # first: a signal may come at any time
         world = init_distributed()
         if world.device.type == "cpu":  # what DeepSpeed would pick, without its warning that it guessed
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
