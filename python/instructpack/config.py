@@ -255,8 +255,8 @@ class TrainingArgs(ConfigModel, kw_only=True):
     gradient_checkpointing: bool = True
     use_liger: bool = False
     """Use SDPA instead of flash-attention (older GPUs); recompute activations in the backward
-    pass to save memory. `use_liger` (Liger kernels) is not built yet: True is refused by
-    run_training."""
+    pass to save memory. `use_liger`: Liger's Triton kernels and fused linear cross-entropy
+    (CUDA only, the `cuda` extra; refused before launch where they cannot run)."""
     trust_remote_code: bool = False
     """Allow model_path to run its own Python code (custom architectures); off by default."""
 

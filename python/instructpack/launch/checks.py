@@ -4,12 +4,13 @@ MissingSinkError) that names the field and the fix; nothing has been written yet
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 from ..config import DistributedBackend, TorchrunArgs, TrainingArgs
-from ..errors import ConfigError, PathExistsError, PathNotFoundError
+from ..errors import ConfigError, MissingPackageError, PathExistsError, PathNotFoundError
 from ..fileio import lies_inside
 from ..train.metrics import check_sinks
 from .model_dir import check_model_dir
@@ -38,6 +39,8 @@ def check_before_launch(t: TorchrunArgs, args: TrainingArgs) -> int:
     check_paths(args)
     check_model_dir(args.model_path, trust_remote_code=args.trust_remote_code)  # names the file and the fix
     check_qlora_backend(args)
+    if args.use_liger:
+        check_liger(args)
     if t.nnodes > 1 and not (t.rdzv_endpoint or t.master_addr):
         raise ConfigError("torchrun_args", ("rdzv_endpoint",), "a job on several machines needs rdzv_endpoint "
                           "('host:port' of node 0) or master_addr/master_port", t.rdzv_endpoint)
@@ -51,6 +54,19 @@ def check_before_launch(t: TorchrunArgs, args: TrainingArgs) -> int:
                           "in every step", args.effective_batch_size)
     check_sinks(args)  # a missing tensorboard/wandb/mlflow package fails now, not in every worker
     return world
+
+
+def check_liger(args: TrainingArgs) -> None:
+    """Liger's kernels are Triton kernels for CUDA GPUs, in the `cuda` extra."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise MissingPackageError("use_liger=True needs the liger-kernel package, which is not installed here: "
+                                  "pip install 'instructpack[cuda]' (or liger-kernel), or set use_liger=False")
+    if visible_gpus() == 0:
+        raise ConfigError("training_args", ("use_liger",), "Liger's kernels run on CUDA GPUs and none is visible "
+                          "here; set use_liger=False", True)
+    if args.lora is not None:
+        raise ConfigError("training_args", ("use_liger",), "Liger's kernels and LoRA adapters together are not "
+                          "supported (as in InstructLab): set use_liger=False, or train without lora", True)
 
 
 def check_qlora_backend(args: TrainingArgs) -> None:

@@ -23,6 +23,7 @@ from ..data.loader import Step
 from .backends import Backend
 from .distributed import World, all_reduce
 from .model.layers import hf_model
+from .model.liger import has_fused_loss
 from .optim import MAX_GRAD_NORM
 
 
@@ -46,6 +47,10 @@ def summed_loss(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
     prompt tokens (often half of a row), and the fp32 logits, tokens x vocabulary, are the
     largest activation of a step. transformers applies the model's own final scaling or
     soft-capping to the kept positions as to any other."""
+    if has_fused_loss(hf_model(model)):  # Liger: the model's own forward computes it, without the logits
+        one = torch.ones((), dtype=torch.long, device=mb.input_ids.device)
+        return model(**mb.model_inputs(), use_cache=False, labels=mb.shift_labels, shift_labels=mb.shift_labels,
+                     num_items_in_batch=one).loss.float()
     keep = _target_positions(mb) if _accepts_logits_to_keep(type(hf_model(model))) else None
     if keep is None:
         logits, labels = model(**mb.model_inputs(), use_cache=False).logits, mb.shift_labels

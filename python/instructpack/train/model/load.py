@@ -11,7 +11,7 @@ import torch
 from ...config import DistributedBackend, TrainingArgs
 from ...data.template_module import looks_like_module, read_template_module, setup_tokenizer
 from ..precision import Precision, decide_precision
-from . import attention, lora
+from . import attention, liger, lora
 from .layers import enable_activation_checkpointing
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None 
                     "(to a multiple of 8)", vocab_size, embeddings)
         # On the meta device there are no rows to average: rank 0's resized rows arrive later.
         model.resize_token_embeddings(vocab_size, pad_to_multiple_of=8, mean_resizing=weights)
+    if args.use_liger:
+        liger.apply_liger(model)
     if args.gradient_checkpointing and args.lora is None:  # apply_lora turns it on after preparing the model
         enable_activation_checkpointing(model)
     log.info("model %s: %.1fM parameters, %s, attention %s, gradient checkpointing %s", args.model_path,
