@@ -149,8 +149,13 @@ class MultipackSampler:
     """
 
     def __init__(self, lengths: np.ndarray, *, effective_batch_size: int, max_batch_len: int, world_size: int = 1,
-                 rank: int = 0, seed: int = 42, padded: bool = False, target_counts: np.ndarray | None = None):
+                 rank: int = 0, seed: int = 42, padded: bool = False, target_counts: np.ndarray | None = None,
+                 subset: np.ndarray | None = None):
+        """`subset`: plan only these samples (ids into `lengths`, which plans and micro-batches
+        then name): the training samples when some are held out for validation."""
         self.lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        self.subset = None if subset is None else np.ascontiguousarray(subset, dtype=np.int64)
+        self._planned = self.lengths if self.subset is None else self.lengths[self.subset]
         self.target_counts = None if target_counts is None else np.asarray(target_counts, dtype=np.int64)
         self.effective_batch_size = effective_batch_size
         self.max_batch_len = max_batch_len
@@ -166,7 +171,7 @@ class MultipackSampler:
     def _check_settings(self) -> None:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise PlanError(f"rank {self.rank} is not in a world of {self.world_size} processes")
-        check_plan_settings(self.lengths, effective_batch_size=self.effective_batch_size,
+        check_plan_settings(self._planned, effective_batch_size=self.effective_batch_size,
                             max_batch_len=self.max_batch_len, world_size=self.world_size)
         if self.target_counts is not None and len(self.target_counts) != len(self.lengths):
             raise PlanError(f"target_counts has {len(self.target_counts)} entries for {len(self.lengths)} samples")
@@ -174,13 +179,15 @@ class MultipackSampler:
     @property
     def steps_per_epoch(self) -> int:
         """Optimizer steps in every epoch, known before any planning."""
-        return -(-len(self.lengths) // self.effective_batch_size)
+        return -(-len(self._planned) // self.effective_batch_size)
 
     def plan(self, epoch: int) -> EpochPlan:
         if epoch not in self._plans:
-            plan = EpochPlan(epoch, self.world_size, self.max_batch_len, *kernels.plan_epoch(
-                self.lengths, self.effective_batch_size, self.max_batch_len, self.world_size, self.seed, epoch,
-                self.padded))
+            sample_ids, *layout = kernels.plan_epoch(self._planned, self.effective_batch_size, self.max_batch_len,
+                                                     self.world_size, self.seed, epoch, self.padded)
+            if self.subset is not None:
+                sample_ids = self.subset[sample_ids]
+            plan = EpochPlan(epoch, self.world_size, self.max_batch_len, sample_ids, *layout)
             self._plans = {epoch: plan}  # keep one epoch: a plan of 1M samples is ~10 MB
             if log.isEnabledFor(logging.INFO):  # the stats cost ~10 ms per million samples
                 log.info("epoch %d: %d steps, %s", epoch, plan.num_steps, plan.stats(self.lengths).summary())
@@ -209,7 +216,7 @@ class MultipackSampler:
         self.epoch, self.step = (epoch, step + 1) if step + 1 < self.steps_per_epoch else (epoch + 1, 0)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "step": self.step, "num_samples": len(self.lengths),
+        return {"epoch": self.epoch, "step": self.step, "num_samples": len(self._planned),
                 "effective_batch_size": self.effective_batch_size, "seed": self.seed}
 
     def load_state_dict(self, state: dict) -> None:
@@ -217,7 +224,7 @@ class MultipackSampler:
         # world size or max_batch_len), so only those must match here. (A training run also
         # keeps its world size when it resumes: its full state holds one part per rank.)
         for key in ("num_samples", "effective_batch_size", "seed"):
-            ours = len(self.lengths) if key == "num_samples" else getattr(self, key)
+            ours = len(self._planned) if key == "num_samples" else getattr(self, key)
             if state[key] != ours:
                 raise PlanError(f"cannot resume: the checkpoint was planned with {key}={state[key]}, this run has "
                                 f"{ours}; resume with the same dataset, effective_batch_size and random_seed")

@@ -18,6 +18,7 @@ from ..data.sampler import check_plan_settings
 from ..data.shards import load_dataset
 from ..data.synthetic import write_synthetic_dataset
 from ..data.tokenizer_check import check_dataset_matches_model
+from ..data.validation import make_split
 from ..errors import ConfigError, ResumeError
 from ..train.checkpoints.identity import TrainerState
 
@@ -65,8 +66,18 @@ def prepare_dataset(args: TrainingArgs, world_size: int = 1,
                               "(process_data=True), or set allow_longer_samples=True to train them",
                               args.max_seq_len)
     # Planning settings are checked now (a sample longer than max_batch_len...) rather than
-    # in every worker after the model has loaded.
-    check_plan_settings(dataset.lengths, effective_batch_size=args.effective_batch_size,
+    # in every worker after the model has loaded, on the samples that train.
+    lengths = dataset.lengths
+    if args.validation_split > 0:
+        split = make_split(path, dataset.manifest, len(dataset), args.validation_split, args.random_seed)
+        if len(split.validation) < world_size:
+            raise ConfigError("training_args", ("validation_split",), f"holds out {len(split.validation)} "
+                              f"samples, fewer than the {world_size} processes, which each compute the loss of "
+                              "some: raise it", args.validation_split)
+        check_plan_settings(lengths[split.validation], effective_batch_size=len(split.validation),
+                            max_batch_len=args.max_batch_len, world_size=world_size)
+        lengths = lengths[split.train]
+    check_plan_settings(lengths, effective_batch_size=args.effective_batch_size,
                         max_batch_len=args.max_batch_len, world_size=world_size)
     return path
 

@@ -55,8 +55,7 @@ def effective_settings(t: TorchrunArgs, args: TrainingArgs) -> tuple[TorchrunArg
 
 
 def _refuse_what_is_not_built_yet(args: TrainingArgs) -> None:
-    planned = {"validation_split": args.validation_split > 0,
-               "pretraining_config": args.pretraining_config is not None}
+    planned = {"pretraining_config": args.pretraining_config is not None}
     for name, asked in planned.items():
         if asked:
             raise ConfigError("training_args", (name,), "is not supported by this release of instructpack yet; "

@@ -16,6 +16,7 @@ from ..config import TrainingArgs
 from ..data.loader import Step, StepLoader
 from ..data.sampler import MultipackSampler
 from ..data.shards import TokenDataset
+from ..data.validation import Split, make_split
 from .backends import Backend, build_backend
 from .checkpoints.full_state import LauncherChoice, resume, save_full_state
 from .checkpoints.hf import save_hf_checkpoint
@@ -23,11 +24,12 @@ from .checkpoints.identity import DatasetSummary, Progress, run_fingerprint
 from .checkpoints.native import save_native_checkpoint
 from .checkpoints.schedule import DEEPSPEED_FORMAT, CheckpointSchedule, checkpoint_dir
 from .distributed import World, all_reduce
-from .metrics import MetricsLogger, ProgressBar, StepRecord, peak_memory_mib, reset_peak_memory
+from .metrics import MetricsLogger, ProgressBar, StepRecord, ValidationRecord, peak_memory_mib, reset_peak_memory
 from .optim import build_scheduler
 from .precision import Precision
 from .preemption import StopRequest
 from .step import StepResult, run_step
+from .validation import Validation
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +54,20 @@ def step_record(step: Step, result: StepResult, world: World, global_step: int, 
         micro_batches=result.micro_batches, peak_memory_mib=peak_mib, elapsed_s=time.perf_counter() - start)
 
 
+def validation_split(args: TrainingArgs, dataset: TokenDataset) -> Split | None:
+    """The held-out samples (the launcher made and stored the split; this reads it)."""
+    if args.validation_split <= 0:
+        return None
+    return make_split(dataset.path, dataset.manifest, len(dataset), args.validation_split, args.random_seed)
+
+
 def training_sampler(args: TrainingArgs, world: World, dataset: TokenDataset) -> MultipackSampler:
-    """This rank's view of the run's multipack plan."""
+    """This rank's view of the run's multipack plan (of the samples not held out)."""
+    split = validation_split(args, dataset)
     return MultipackSampler(dataset.lengths, effective_batch_size=args.effective_batch_size,
                             max_batch_len=args.max_batch_len, world_size=world.world_size, rank=world.rank,
-                            seed=args.random_seed, target_counts=dataset.target_counts)
+                            seed=args.random_seed, target_counts=dataset.target_counts,
+                            subset=split.train if split is not None else None)
 
 
 @dataclass
@@ -105,6 +116,8 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
     summary = DatasetSummary.of(dataset.path, dataset.manifest)
     progress, resumed_from = resume(args.ckpt_output_dir, backend, scheduler, sampler, fingerprint, world,
                                     dataset=summary, choice=resume_choice)
+    split = validation_split(args, dataset)
+    validation = Validation(args, world, dataset, split.validation) if split is not None else None
     checkpoints = CheckpointSchedule.from_args(args)
     native_checkpoints = CheckpointSchedule.deepspeed_native(args)
     full_states = CheckpointSchedule.full_state(args)
@@ -136,6 +149,16 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
                                     tokens=progress.tokens + record.tokens, elapsed_s=record.elapsed_s)
                 if metrics is not None:
                     metrics.log(record)
+                if validation is not None and record.step % args.validation_frequency == 0:
+                    measured = validation.run(backend)
+                    if metrics is not None:
+                        metrics.log(ValidationRecord(step=record.step, epoch=record.epoch, val_loss=measured.loss,
+                                                     val_tokens=measured.targets, val_samples=measured.samples))
+                    if world.is_main:
+                        log.info("step %d: validation loss %.4f (%d tokens)", record.step, measured.loss,
+                                 measured.targets)
+                    hooks.context.val_metrics = {"val_loss": measured.loss, "val_num_tokens": measured.targets}
+                    hooks.fire("on_evaluate")
                 bar.update(record)
                 if world.is_main and not progress_bar:  # a log file gets one line per step instead
                     log.info("step %d/%d epoch %d: loss %.4f, lr %.3g, grad norm %.3g, %.0f tokens/s",

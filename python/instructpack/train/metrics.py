@@ -21,7 +21,8 @@ from ..errors import MetricsFileError, MissingSinkError, PathNotFoundError
 from ..fileio import replace_file
 
 __all__ = [
-    "METRICS_FILENAME", "RECORD_FIELDS", "MetricsLogger", "ProgressBar", "StepRecord", "metrics_file",
+    "METRICS_FILENAME", "RECORD_FIELDS", "MetricsLogger", "ProgressBar", "StepRecord", "ValidationRecord",
+    "metrics_file",
     "peak_memory_mib", "read_metrics",
 ]
 
@@ -50,6 +51,16 @@ class StepRecord(msgspec.Struct, kw_only=True):
 
 
 RECORD_FIELDS = StepRecord.__struct_fields__  # the fields of a record, in file order
+
+
+class ValidationRecord(msgspec.Struct, kw_only=True):
+    """The validation loss after a step (validation_frequency), a line of its own in
+    metrics.jsonl; the sinks chart it under "validation/"."""
+    step: int  # the optimizer step after which it was measured
+    epoch: int
+    val_loss: float  # mean loss per target token over the whole validation set, all ranks
+    val_tokens: int  # target tokens in the validation set
+    val_samples: int
 
 
 def _as_dict(record: StepRecord | dict) -> dict:
@@ -93,9 +104,9 @@ def read_metrics(path: str | Path) -> list[dict]:
     return records
 
 
-def _numeric_fields(record: dict) -> dict[str, float]:
+def _numeric_fields(record: dict, prefix: str = _TAG_PREFIX) -> dict[str, float]:
     # Sinks chart numbers only; bool is an int subclass but not a metric. The step is the x axis.
-    return {_TAG_PREFIX + k: v for k, v in record.items()
+    return {prefix + k: v for k, v in record.items()
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
@@ -219,7 +230,7 @@ class MetricsLogger:
             self.close()
             raise
 
-    def log(self, record: StepRecord | dict) -> None:
+    def log(self, record: StepRecord | ValidationRecord | dict) -> None:
         """Appends `record` as one line, flushed, and forwards its numbers."""
         if self._closed:
             raise ValueError(f"MetricsLogger for {self.path} is closed")
@@ -230,7 +241,8 @@ class MetricsLogger:
             if "step" not in record:
                 raise ValueError(f"metrics record has no 'step' field (needed by the "
                                  f"{len(self._sinks)} extra sinks): {record}")
-            scalars = _numeric_fields(record)
+            scalars = _numeric_fields(record, "validation/" if isinstance(record.get("val_loss"), float) else
+                                      _TAG_PREFIX)
             for sink in self._sinks:
                 sink.log(scalars, record["step"])
 

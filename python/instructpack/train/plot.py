@@ -25,14 +25,14 @@ def _import_matplotlib():
 
 def _last_record_per_step(records: list[dict], file: Path) -> list[dict]:
     # A resumed run appends the steps after its checkpoint again; the later lines are the ones
-    # the final model came from.
+    # the final model came from. A step's validation line is kept beside its step line.
     by_step = {}
     for number, record in enumerate(records, start=1):
         step = record.get("step")
         if not isinstance(step, int) or isinstance(step, bool):
             raise MetricsFileError(f"{file}: record {number} has no integer 'step' field: {record}")
-        by_step[step] = record
-    return [by_step[s] for s in sorted(by_step)]
+        by_step[step, "val_loss" in record] = record
+    return [by_step[key] for key in sorted(by_step)]
 
 
 def _series(records: list[dict], field: str) -> tuple[list[int], list[float]]:
@@ -81,6 +81,9 @@ def plot_metrics(ckpt_output_dir: str | Path, output: str | Path | None = None) 
         loss_ax.plot(*_moving_average(steps, loss), color="tab:blue", linewidth=2, label="moving average")
     else:
         loss_ax.plot(steps, loss, color="tab:blue", marker=".", label="loss")
+    val_steps, val_loss = _series(records, "val_loss")
+    if val_loss:
+        loss_ax.plot(val_steps, val_loss, color="tab:orange", marker="o", linewidth=2, label="validation loss")
     loss_ax.set_ylabel("loss per trained token")
 
     for field, label in (("tokens_per_s", "tokens/s"), ("trained_tokens_per_s", "trained tokens/s")):
