@@ -21,19 +21,26 @@ def _preprocess_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--skip-invalid-lines", action="store_true", help="skip bad input lines and report them")
     parser.add_argument("--overwrite", action="store_true", help="re-process even if matching output exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--pretraining-block-size", type=int, default=None, metavar="N",
+                        help="the lines are documents for continual pretraining: cut them into blocks of N tokens")
+    parser.add_argument("--document-column-name", default="document",
+                        help="with --pretraining-block-size: the key holding each document's text")
     return parser
 
 
 def _run_preprocess(ns: argparse.Namespace) -> int:
     from . import data_process
-    from .config import DataProcessArgs
+    from .config import DataProcessArgs, PretrainingConfig
     from .errors import InstructPackError
 
     try:
         args = DataProcessArgs(data_path=ns.data_path, data_output_path=ns.data_output_path,
                                model_path=ns.model_path, max_seq_len=ns.max_seq_len, min_seq_len=ns.min_seq_len,
                                chat_tmpl_path=ns.chat_tmpl_path, num_cpu_procs=ns.num_cpu_procs,
-                               skip_invalid_lines=ns.skip_invalid_lines, overwrite=ns.overwrite)
+                               skip_invalid_lines=ns.skip_invalid_lines, overwrite=ns.overwrite,
+                               pretraining=None if ns.pretraining_block_size is None else PretrainingConfig(
+                                   block_size=ns.pretraining_block_size,
+                                   document_column_name=ns.document_column_name))
         result = data_process.main(args, progress=False if ns.no_progress else None)
     except InstructPackError as e:
         print(f"instructpack-preprocess: error: {e}", file=sys.stderr)

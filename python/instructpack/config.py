@@ -355,6 +355,9 @@ class DataProcessArgs(ConfigModel, kw_only=True):
     overwrite: bool = False
     """Skip and report malformed input lines instead of failing; re-process even when matching
     output already exists."""
+    pretraining: PretrainingConfig | None = None
+    """The lines are documents for continual pretraining, cut into blocks of block_size
+    tokens (max_seq_len and chat_tmpl_path then play no part). Not in InstructLab."""
 
     def _check(self) -> None:
         for name in ("data_path", "data_output_path", "model_path"):

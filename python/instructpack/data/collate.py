@@ -72,6 +72,8 @@ class MicroBatch:
 
 def collate_packed(dataset: TokenDataset, ref: MicroBatchRef) -> MicroBatch:
     input_ids, shift_labels, position_ids, cu_seqlens = dataset.gather(ref.sample_ids, shift_labels=True)
+    if dataset.manifest.pretraining is not None:
+        position_ids, cu_seqlens = document_positions(shift_labels)
     lengths = np.diff(cu_seqlens)
     return MicroBatch(
         input_ids=torch.from_numpy(input_ids).view(1, -1),
@@ -91,9 +93,24 @@ def collate_packed(dataset: TokenDataset, ref: MicroBatchRef) -> MicroBatch:
     )
 
 
+def document_positions(shift_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions and boundaries of a packed row of pretraining blocks, restarting at every
+    document (data/pretraining.py): a document's first token is never a target, so a
+    position without a target is the end of a sample or of a document piece, and the next
+    token starts a new piece. transformers finds the pieces from the position restarts and
+    keeps each piece's attention to itself."""
+    n = len(shift_labels)
+    starts = np.concatenate([[0], np.flatnonzero(shift_labels[:-1] == IGNORE_INDEX) + 1]).astype(np.int64)
+    index = np.arange(n, dtype=np.int64)
+    positions = index - starts[np.searchsorted(starts, index, side="right") - 1]
+    return positions, np.append(starts, n).astype(np.int32)
+
+
 def collate_padded(dataset: TokenDataset, ref: MicroBatchRef, pad_token_id: int) -> MicroBatch:
     """Right padding to the longest sample of the micro-batch; pads have label -100 and
     attention mask 0. Plan with `padded=True` so the padded rows fit max_batch_len."""
+    if dataset.manifest.pretraining is not None:
+        raise ValueError("pretraining blocks are trained as packed rows only (their documents restart positions)")
     packed = collate_packed(dataset, ref)
     n, longest = packed.num_samples, packed.max_seqlen
     lengths = np.diff(packed.cu_seqlens.numpy())

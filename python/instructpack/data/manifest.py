@@ -82,6 +82,12 @@ class SyntheticInfo(msgspec.Struct, kw_only=True):
     trained: str  # "all" or "runs" (data/synthetic.py)
 
 
+class PretrainingInfo(msgspec.Struct, kw_only=True):
+    block_size: int  # samples are blocks of this many tokens (data/pretraining.py)
+    document_column_name: str
+    documents: Count
+
+
 class ImportInfo(msgspec.Struct, kw_only=True):
     format: str  # what the shards were converted from (data/instructlab_jsonl.py)
 
@@ -103,6 +109,7 @@ class Manifest(msgspec.Struct, kw_only=True):
     elapsed_s: float | None = None
     synthetic: SyntheticInfo | None = None
     imported: ImportInfo | None = None
+    pretraining: PretrainingInfo | None = None  # samples are blocks of documents
 
 
 def encode_manifest(manifest: Manifest) -> bytes:

@@ -89,7 +89,7 @@ class PreprocessPlan:
 def plan_preprocessing(args: DataProcessArgs) -> PreprocessPlan:
     """Checks the input, the output directory, the tokenizer and the template; writes nothing."""
     data_path, out = Path(args.data_path), Path(args.data_output_path)
-    _check_input(data_path, args.data_path)
+    check_input(data_path, args.data_path)
     if out.exists() and not out.is_dir():
         raise PathExistsError("", ("data_output_path",), "is a file; give a directory path", args.data_output_path)
     if lies_inside(data_path, out):
@@ -108,7 +108,12 @@ def plan_preprocessing(args: DataProcessArgs) -> PreprocessPlan:
 
 def preprocess(args: DataProcessArgs, progress: bool | None = None, shard_tokens: int | None = None
                ) -> PreprocessResult:
-    """Preprocesses `args.data_path` into `args.data_output_path`; reuses a matching output."""
+    """Preprocesses `args.data_path` into `args.data_output_path`; reuses a matching output.
+    With `args.pretraining`, the lines are documents (data/pretraining.py)."""
+    if args.pretraining is not None:
+        from .pretraining import preprocess_documents
+
+        return preprocess_documents(args, args.pretraining, progress=progress)
     return run_preprocessing(plan_preprocessing(args), progress=progress, shard_tokens=shard_tokens)
 
 
@@ -144,7 +149,7 @@ def run_preprocessing(plan: PreprocessPlan, progress: bool | None = None, shard_
     return PreprocessResult(out, manifest, invalid_examples=invalid_examples)
 
 
-def _check_input(data_path: Path, given: str) -> None:
+def check_input(data_path: Path, given: str) -> None:
     if data_path.is_dir():
         raise PathNotFoundError("", ("data_path",), "is a directory; give a messages-format JSONL file", given)
     if not data_path.is_file():
@@ -291,6 +296,9 @@ def format_summary(manifest: Manifest, output_path: Path, reused: bool = False) 
         f"  tokens           {c.tokens:>12,}",
         f"  trained tokens   {c.trained_tokens:>12,}  ({c.trained_tokens / max(1, c.tokens):.1%})",
     ]
+    if manifest.pretraining is not None:
+        p = manifest.pretraining
+        lines.append(f"  documents        {p.documents:>12,}  in blocks of {p.block_size:,} tokens")
     if manifest.lengths is not None:
         s = manifest.lengths
         lines.append(f"  length           min {s.min}, p50 {s.p50}, p90 {s.p90}, p99 {s.p99}, max {s.max}, "

@@ -13,7 +13,7 @@ import numpy as np
 from ..config import DataProcessArgs, TrainingArgs
 from ..data.instructlab_jsonl import has_instructlab_data, import_instructlab_data
 from ..data.manifest import MANIFEST, read_manifest
-from ..data.preprocess import PreprocessPlan, plan_preprocessing, run_preprocessing
+from ..data.preprocess import PreprocessPlan, plan_preprocessing, preprocess, run_preprocessing
 from ..data.sampler import check_plan_settings
 from ..data.shards import load_dataset
 from ..data.synthetic import write_synthetic_dataset
@@ -38,6 +38,17 @@ def prepare_dataset(args: TrainingArgs, world_size: int = 1,
     just_written = False
     if args.mock_data:
         path = _mock_dataset(args)
+    elif args.pretraining_config is not None and args.process_data:
+        blocks = args.pretraining_config.block_size
+        if blocks > args.max_batch_len:
+            raise ConfigError("training_args", ("pretraining_config", "block_size"), f"a block must fit one "
+                              f"micro-batch: raise max_batch_len to at least {blocks}, or lower block_size", blocks)
+        result = preprocess(DataProcessArgs(
+            data_path=args.data_path, data_output_path=args.data_output_dir, model_path=args.model_path,
+            max_seq_len=args.max_seq_len, num_cpu_procs=args.data_process_num_cpu_procs,
+            pretraining=args.pretraining_config))
+        print(result.summary(), flush=True)
+        path, just_written = result.output_path, not result.reused
     elif args.process_data:
         plan = plan_preprocessing(DataProcessArgs(
             data_path=args.data_path, data_output_path=args.data_output_dir, model_path=args.model_path,

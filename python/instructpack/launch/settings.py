@@ -22,7 +22,6 @@ from .. import chat_templates
 from ..callbacks import check_callbacks
 from ..config import TorchrunArgs, TrainingArgs
 from ..environment import collective_timeout_s, trust_remote_code_from_env
-from ..errors import ConfigError
 from ..hub import resolve_model_path
 
 LEGACY_TEMPLATE = Path(chat_templates.__file__).parent / "ibm_legacy_tmpl.py"
@@ -50,13 +49,4 @@ def effective_settings(t: TorchrunArgs, args: TrainingArgs) -> tuple[TorchrunArg
     args.trust_remote_code = bool(args.trust_remote_code or trust_remote_code_from_env())
     args.model_path = resolve_model_path(args.model_path, trust_remote_code=args.trust_remote_code)
     args.callbacks = check_callbacks(args.callbacks) or None
-    _refuse_what_is_not_built_yet(args)
     return t, args
-
-
-def _refuse_what_is_not_built_yet(args: TrainingArgs) -> None:
-    planned = {"pretraining_config": args.pretraining_config is not None}
-    for name, asked in planned.items():
-        if asked:
-            raise ConfigError("training_args", (name,), "is not supported by this release of instructpack yet; "
-                              "leave it at its default", getattr(args, name))
