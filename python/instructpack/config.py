@@ -259,6 +259,9 @@ class TrainingArgs(ConfigModel, kw_only=True):
     (CUDA only, the `cuda` extra; refused before launch where they cannot run)."""
     trust_remote_code: bool = False
     """Allow model_path to run its own Python code (custom architectures); off by default."""
+    freeze_router: bool | None = None
+    """Mixture-of-experts models: keep the router weights fixed. None: as InstructLab does,
+    frozen for GPT-OSS and GraniteMoeHybrid, trained for the others. Not in InstructLab."""
 
     process_data: bool | None = True
     data_process_num_cpu_procs: int = 16

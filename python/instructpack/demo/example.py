@@ -197,11 +197,12 @@ def generate_fact_conversations(n: int, seed: int = 0) -> Iterator[dict]:
 
 def build_tiny_model(out_dir: str | Path, tokenizer_dir: str | Path, *, hidden_size: int = 64, layers: int = 2,
                      heads: int = 4, kv_heads: int = 2, seed: int = 0, architecture: str = "llama",
-                     initializer_range: float = 0.02) -> Path:
+                     initializer_range: float = 0.02, **config: object) -> Path:
     """A randomly initialised causal LM (`architecture`: a transformers model type such as
     "llama" or "qwen3") sized to the tokenizer, saved with the tokenizer files as a Hugging
     Face model directory that `from_pretrained` loads. A larger `initializer_range` gives
-    an output layer whose logits can grow large without training it (frozen under LoRA)."""
+    an output layer whose logits can grow large without training it (frozen under LoRA).
+    `config`: more fields of the model's config (the experts of a mixture-of-experts model)."""
     import shutil
 
     import torch
@@ -215,7 +216,7 @@ def build_tiny_model(out_dir: str | Path, tokenizer_dir: str | Path, *, hidden_s
                                   head_dim=hidden_size // heads, max_position_embeddings=4096,
                                   initializer_range=initializer_range,
                                   tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **config)
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     for f in Path(tokenizer_dir).iterdir():

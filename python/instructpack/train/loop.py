@@ -25,6 +25,7 @@ from .checkpoints.native import save_native_checkpoint
 from .checkpoints.schedule import DEEPSPEED_FORMAT, CheckpointSchedule, checkpoint_dir
 from .distributed import World, all_reduce
 from .metrics import MetricsLogger, ProgressBar, StepRecord, ValidationRecord, peak_memory_mib, reset_peak_memory
+from .model import moe
 from .optim import build_scheduler
 from .precision import Precision
 from .preemption import StopRequest
@@ -46,12 +47,22 @@ def step_record(step: Step, result: StepResult, world: World, global_step: int, 
                            f"the micro-batches held {int(targets)}; the dataset's trained-token counts do not "
                            "match its masks (re-run preprocessing)")
     seconds = result.seconds
+    router = {}
+    if result.router_aux_loss is not None:
+        (aux,) = all_reduce([result.router_aux_loss], world)
+        counts = result.expert_counts
+        if counts is not None and world.distributed:
+            counts = counts.clone()
+            torch.distributed.all_reduce(counts)
+        router = {"router_aux_loss": aux,
+                  "max_expert_load": moe.max_expert_load(counts) if counts is not None else None}
     return StepRecord(
         epoch=step.epoch, step=global_step, loss=loss_sum / max(targets, 1), lr=result.lr,
         grad_norm=result.grad_norm, samples=int(samples), total_samples=samples_before + int(samples),
         tokens=int(tokens), trained_tokens=int(targets), tokens_per_s=tokens / seconds,
         trained_tokens_per_s=targets / seconds, samples_per_s=samples / seconds, step_time_s=seconds,
-        micro_batches=result.micro_batches, peak_memory_mib=peak_mib, elapsed_s=time.perf_counter() - start)
+        micro_batches=result.micro_batches, peak_memory_mib=peak_mib, elapsed_s=time.perf_counter() - start,
+        **router)
 
 
 def validation_split(args: TrainingArgs, dataset: TokenDataset) -> Split | None:

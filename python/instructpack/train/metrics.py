@@ -48,6 +48,11 @@ class StepRecord(msgspec.Struct, kw_only=True):
     micro_batches: int  # forward/backward passes per rank in this step
     peak_memory_mib: float  # peak memory, max over ranks (MiB = 2**20 bytes)
     elapsed_s: float  # wall time since training started, seconds
+    # Mixture-of-experts models only (None otherwise): the router's load-balancing loss as
+    # added to the step's loss (the model's coefficient times its mean over micro-batches),
+    # and the busiest expert's share of routed tokens over an even share (1.0: balanced).
+    router_aux_loss: float | None = None
+    max_expert_load: float | None = None
 
 
 RECORD_FIELDS = StepRecord.__struct_fields__  # the fields of a record, in file order

@@ -22,6 +22,7 @@ from ..data.collate import IGNORE_INDEX, MicroBatch
 from ..data.loader import Step
 from .backends import Backend
 from .distributed import World, all_reduce
+from .model import moe
 from .model.layers import hf_model
 from .model.liger import has_fused_loss
 from .optim import MAX_GRAD_NORM
@@ -38,10 +39,27 @@ class StepResult:
     grad_norm: float  # of the whole model, after synchronisation, before clipping
     lr: float
     seconds: float
+    # Mixture-of-experts: this rank's share of the step's router loss (coefficient included;
+    # summed over ranks it is the step's), and the tokens routed to each expert.
+    router_aux_loss: float | None = None
+    expert_counts: torch.Tensor | None = None
+
+
+@dataclass
+class ForwardLoss:
+    summed: torch.Tensor  # cross-entropy summed over the micro-batch's targets
+    router_aux: torch.Tensor | None = None  # mixture-of-experts: the load-balancing loss (no coefficient)
+    expert_counts: torch.Tensor | None = None  # [layers, experts] tokens routed to each expert
 
 
 def summed_loss(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
-    """Cross-entropy summed over the micro-batch's targets (fp32 logits, like transformers).
+    """Cross-entropy summed over the micro-batch's targets (fp32 logits, like transformers)."""
+    return forward_loss(model, mb).summed
+
+
+def forward_loss(model: torch.nn.Module, mb: MicroBatch, router: bool = False) -> ForwardLoss:
+    """The micro-batch's summed cross-entropy; with `router` (mixture-of-experts models),
+    also the router's load-balancing loss and load (moe.py).
 
     Logits are computed only where there is a target: the output layer then skips the
     prompt tokens (often half of a row), and the fp32 logits, tokens x vocabulary, are the
@@ -49,16 +67,24 @@ def summed_loss(model: torch.nn.Module, mb: MicroBatch) -> torch.Tensor:
     soft-capping to the kept positions as to any other."""
     if has_fused_loss(hf_model(model)):  # Liger: the model's own forward computes it, without the logits
         one = torch.ones((), dtype=torch.long, device=mb.input_ids.device)
-        return model(**mb.model_inputs(), use_cache=False, labels=mb.shift_labels, shift_labels=mb.shift_labels,
-                     num_items_in_batch=one).loss.float()
+        return ForwardLoss(model(**mb.model_inputs(), use_cache=False, labels=mb.shift_labels,
+                                 shift_labels=mb.shift_labels, num_items_in_batch=one).loss.float())
     keep = _target_positions(mb) if _accepts_logits_to_keep(type(hf_model(model))) else None
+    extra = {"output_router_logits": True} if router else {}
     if keep is None:
-        logits, labels = model(**mb.model_inputs(), use_cache=False).logits, mb.shift_labels
+        out = model(**mb.model_inputs(), use_cache=False, **extra)
+        logits, labels = out.logits, mb.shift_labels
     else:
-        logits = model(**mb.model_inputs(), use_cache=False, logits_to_keep=keep).logits
+        out = model(**mb.model_inputs(), use_cache=False, logits_to_keep=keep, **extra)
+        logits = out.logits
         labels = mb.shift_labels[:, keep] if keep.dtype != torch.bool else mb.shift_labels[keep]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    summed = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="sum")
+    if not router:
+        return ForwardLoss(summed)
+    config = hf_model(model).config
+    counts = moe.expert_counts(out.router_logits, moe.experts_per_token(config), moe.num_experts(config))
+    return ForwardLoss(summed, out.aux_loss.float(), counts)
 
 
 def _target_positions(mb: MicroBatch) -> torch.Tensor | None:
@@ -109,14 +135,31 @@ def run_step(backend: Backend, step: Step, scheduler: torch.optim.lr_scheduler.L
     loss_sum = torch.zeros((), device=device)  # a tensor: no device sync per micro-batch
     targets, tokens, samples = 0, 0, 0
     last = len(step.micro_batches) - 1
+    config = hf_model(backend.module).config
+    router = moe.num_experts(config) > 0
+    if router:
+        # The router loss is the mean over the step's non-empty micro-batches of all ranks.
+        local = float(sum(not mb.empty for mb in step.micro_batches))
+        (routed,) = all_reduce([local], world) if world is not None else [local]
+        router_weight = moe.aux_coefficient(config) * backend.grad_scale / max(routed, 1.0)
+        aux_sum, counts = torch.zeros((), device=device), None
     for i, mb in enumerate(step.micro_batches):
-        mb = stand_in(mb, device) if mb.empty else mb.to(device, non_blocking=True)
+        empty = mb.empty
+        mb = stand_in(mb, device) if empty else mb.to(device, non_blocking=True)
         if hooks is not None:
             hooks.fire("on_before_forward")
         with backend.sync(last=i == last):  # what can wait for the step's last backward waits
             with backend.autocast():
-                loss = summed_loss(backend.module, mb)
-            backend.backward(loss * (backend.grad_scale / denominator))
+                out = forward_loss(backend.module, mb, router=router)
+            loss = out.summed
+            total = loss * (backend.grad_scale / denominator)
+            if router:  # a stand-in micro-batch counts for nothing, but every rank has counts to sum
+                if not empty:
+                    total = total + out.router_aux * router_weight
+                    aux_sum += out.router_aux.detach() * (router_weight / backend.grad_scale)
+                routed_here = out.expert_counts * (not empty)
+                counts = routed_here if counts is None else counts + routed_here
+            backend.backward(total)
         if hooks is not None:
             hooks.fire("on_after_backward")
         loss_sum += loss.detach()
@@ -133,6 +176,9 @@ def run_step(backend: Backend, step: Step, scheduler: torch.optim.lr_scheduler.L
         scheduler.step()
     if hooks is not None:
         hooks.fire("on_optimizer_step", learning_rate=lr, grad_norm=grad_norm)
-    return StepResult(loss_sum=loss_sum.item(), targets=targets, tokens=tokens, samples=samples,
-                      micro_batches=len(step.micro_batches), grad_norm=grad_norm, lr=lr,
-                      seconds=time.perf_counter() - start)
+    result = StepResult(loss_sum=loss_sum.item(), targets=targets, tokens=tokens, samples=samples,
+                        micro_batches=len(step.micro_batches), grad_norm=grad_norm, lr=lr,
+                        seconds=time.perf_counter() - start)
+    if router:
+        result.router_aux_loss, result.expert_counts = aux_sum.item(), counts
+    return result

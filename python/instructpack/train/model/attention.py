@@ -14,11 +14,13 @@ no mask at all, because the boundaries come from the position ids.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 NAME = "sdpa_packed"
 
@@ -73,5 +75,46 @@ def _packed_sdpa_mask(batch_size: int, q_length: int, kv_length: int, *args,
     return sdpa_mask(batch_size, q_length, kv_length, *args, attention_mask=attention_mask, **kwargs)
 
 
+EAGER_NAME = "eager_packed"
+
+
+def packed_eager_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                         **kwargs) -> tuple[torch.Tensor, None]:
+    """For models whose attention SDPA cannot express (GPT-OSS's attention sinks): the
+    model's own eager attention, run on each sample of the packed row with its causal (or
+    sliding-window) mask."""
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    if not _takes_over(query.shape[0], query.shape[2], key.shape[2], attention_mask):
+        return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    position_ids = kwargs.pop("position_ids", None)
+    bounds = [0, query.shape[2]] if position_ids is None else sample_bounds(position_ids)
+    window = kwargs.get("sliding_window")
+    parts = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        allowed = _sliding_causal_mask(b - a, window or b - a, query.device)
+        additive = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+        additive = additive.masked_fill(~allowed, torch.finfo(query.dtype).min)[None, None]
+        out, _ = eager(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], additive, dropout=dropout,
+                       scaling=scaling, **kwargs)
+        parts.append(out)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), None
+
+
+def _packed_eager_mask(batch_size: int, q_length: int, kv_length: int, *args,
+                       attention_mask: torch.Tensor | None = None, **kwargs):
+    if _takes_over(batch_size, q_length, kv_length, attention_mask):
+        return None
+    return eager_mask(batch_size, q_length, kv_length, *args, attention_mask=attention_mask, **kwargs)
+
+
+def name_for(model_class: type) -> str:
+    """The packed attention for `model_class`: SDPA per sample, or its own eager attention
+    per sample where it does not support SDPA."""
+    return NAME if getattr(model_class, "_supports_sdpa", True) else EAGER_NAME
+
+
 AttentionInterface.register(NAME, packed_sdpa_forward)
 AttentionMaskInterface.register(NAME, _packed_sdpa_mask)
+AttentionInterface.register(EAGER_NAME, packed_eager_forward)
+AttentionMaskInterface.register(EAGER_NAME, _packed_eager_mask)

@@ -11,18 +11,29 @@ import torch
 from ...config import DistributedBackend, TrainingArgs
 from ...data.template_module import looks_like_module, read_template_module, setup_tokenizer
 from ..precision import Precision, decide_precision
-from . import attention, liger, lora
+from . import attention, liger, lora, moe
 from .layers import enable_activation_checkpointing
 
 log = logging.getLogger(__name__)
 
 
-def choose_attention(device: torch.device, disable_flash_attn: bool) -> str:
+def choose_attention(device: torch.device, disable_flash_attn: bool, model_class: type | None = None) -> str:
     """flash_attention_2 (varlen kernels, packed rows natively) on CUDA when the package is
-    installed and not disabled; else per-sample SDPA (see attention.py)."""
-    if device.type == "cuda" and not disable_flash_attn and importlib.util.find_spec("flash_attn") is not None:
+    installed, not disabled and supported by the model; else per-sample SDPA, or the
+    model's own eager attention per sample where it has no SDPA (GPT-OSS; attention.py)."""
+    if device.type == "cuda" and not disable_flash_attn and importlib.util.find_spec("flash_attn") is not None \
+            and getattr(model_class, "_supports_flash_attn", True):
         return "flash_attention_2"
-    return attention.NAME
+    return attention.name_for(model_class) if model_class is not None else attention.NAME
+
+
+def _model_class(config) -> type | None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:  # a model of its own code (trust_remote_code)
+        return None
 
 
 def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None = None, *,
@@ -41,7 +52,8 @@ def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     precision = precision or decide_precision(args, device)
-    impl = choose_attention(device, args.disable_flash_attn)
+    config = AutoConfig.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
+    impl = choose_attention(device, args.disable_flash_attn, _model_class(config))
     quantization = lora.quantization_config(args.lora, precision.compute)
     placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
     if weights:
@@ -49,7 +61,6 @@ def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None 
                                                      attn_implementation=impl, use_safetensors=True,
                                                      trust_remote_code=args.trust_remote_code, **placement)
     else:
-        config = AutoConfig.from_pretrained(args.model_path, trust_remote_code=args.trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=precision.weights, attn_implementation=impl,
                                                      trust_remote_code=args.trust_remote_code)
@@ -60,6 +71,7 @@ def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None 
                     "(to a multiple of 8)", vocab_size, embeddings)
         # On the meta device there are no rows to average: rank 0's resized rows arrive later.
         model.resize_token_embeddings(vocab_size, pad_to_multiple_of=8, mean_resizing=weights)
+    moe.freeze_routers(model, args.freeze_router)
     if args.use_liger:
         liger.apply_liger(model)
     if args.gradient_checkpointing and args.lora is None:  # apply_lora turns it on after preparing the model
