@@ -76,3 +76,24 @@ def test_cli_plot_errors_name_the_path_and_exit_2(tmp_path, capsys, case):
     assert {"missing dir": "no metrics file", "missing file": "no metrics file",
             "empty file": "no metrics records", "corrupt line": "metrics.jsonl:1:"}[case] in err
     assert not (run / "metrics.png").exists()
+
+
+def test_the_validation_loss_is_drawn_beside_the_training_loss(tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    run = write_metrics(tmp_path / "run")
+    with (run / "metrics.jsonl").open("a") as f:  # validation lines, as training writes them
+        for step in (10, 20, 30):
+            f.write(json.dumps(dict(step=step, epoch=step // 16, val_loss=1.0 / step, val_tokens=50,
+                                    val_samples=4)) + "\n")
+    drawn = {}
+    real = Axes.plot
+
+    def plot(self, *args, **kwargs):
+        drawn[kwargs.get("label")] = (list(args[0]), list(args[1]))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    plot_metrics(run)
+    assert drawn["validation loss"] == ([10, 20, 30], [0.1, 0.05, 1.0 / 30])
+    assert len(drawn["loss"][0]) == 30  # every training step is still drawn
