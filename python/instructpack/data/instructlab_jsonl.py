@@ -14,19 +14,16 @@ is one the tokenizer has. The dataset is converted again when data.jsonl changes
 from __future__ import annotations
 
 import hashlib
-import time
 from pathlib import Path
 
 import msgspec
 import numpy as np
 
-from .. import locks
 from ..errors import InputError
 from .chat import tokenizer_identity
 from .manifest import Counts, ImportInfo, Manifest, SourceInfo, TokenizerInfo
-from .preprocess import PREPROCESS_LOCK, PREPROCESS_WAIT_S, PreprocessResult, length_stats
+from .preprocess import PreprocessResult, length_stats, write_dataset
 from .shards import ShardSequenceWriter, token_dtype_for
-from .writing import dataset_write, existing_manifest
 
 INSTRUCTLAB_DATA = "data.jsonl"
 FORMAT = "instructlab data.jsonl"
@@ -53,40 +50,31 @@ def import_instructlab_data(directory: str | Path, model_path: str) -> Preproces
     with open(source, "rb") as f:
         sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     fingerprint = hashlib.sha256(f"{FORMAT}\n{sha256}\n{tokenizer.fingerprint}".encode()).hexdigest()
-    with locks.exclusive(directory / PREPROCESS_LOCK, locks.holder_note(f"converting {source}"),
-                         wait_s=PREPROCESS_WAIT_S, waiting=f"converting {source}"):
-        existing = existing_manifest(directory)
-        if existing is not None and existing.fingerprint == fingerprint:
-            return PreprocessResult(directory, existing, reused=True)
-        start = time.perf_counter()
-        with dataset_write(directory) as write:
-            token_dtype = token_dtype_for(tokenizer.vocab_size)
-            writer = ShardSequenceWriter(write.directory, token_dtype, write.shard_name)
-            lines, trained_tokens, lengths_seen = 0, 0, []
-            for tokens, mask, lengths, trained, source_lines in _chunks(source, tokenizer.vocab_size, token_dtype):
-                writer.append(tokens, mask, lengths, trained, source_lines)
-                lengths_seen.append(lengths)
-                lines += len(lengths)
-                trained_tokens += int(trained.sum())
-            if not lines:
-                raise InputError(str(source), None, "holds no sample; preprocess the data again "
-                                 "(process_data=True with data_path)")
-            lengths = np.concatenate(lengths_seen)
-            shards = writer.close()
-            manifest = Manifest(
-                shards=shards,
-                tokenizer=TokenizerInfo(path=str(Path(model_path).resolve()), fingerprint=tokenizer.fingerprint,
-                                        vocab_size=tokenizer.vocab_size, token_dtype=token_dtype.name),
-                source=SourceInfo(path=str(source.resolve()), lines=lines, sha256=sha256),
-                counts=Counts(samples=lines, tokens=int(lengths.sum()), trained_tokens=trained_tokens, dropped={},
-                              invalid_lines=0, invalid_reasons={}),
-                lengths=length_stats(lengths),
-                fingerprint=fingerprint,
-                elapsed_s=round(time.perf_counter() - start, 3),
-                imported=ImportInfo(format=FORMAT),
-            )
-            write.commit(manifest)
-    return PreprocessResult(directory, manifest)
+    def make(write):
+        token_dtype = token_dtype_for(tokenizer.vocab_size)
+        writer = ShardSequenceWriter(write.directory, token_dtype, write.shard_name)
+        lines, trained_tokens, lengths_seen = 0, 0, []
+        for tokens, mask, lengths, trained, source_lines in _chunks(source, tokenizer.vocab_size, token_dtype):
+            writer.append(tokens, mask, lengths, trained, source_lines)
+            lengths_seen.append(lengths)
+            lines += len(lengths)
+            trained_tokens += int(trained.sum())
+        if not lines:
+            raise InputError(str(source), None, "holds no sample; preprocess the data again "
+                             "(process_data=True with data_path)")
+        lengths = np.concatenate(lengths_seen)
+        return Manifest(
+            shards=writer.close(),
+            tokenizer=TokenizerInfo(path=str(Path(model_path).resolve()), fingerprint=tokenizer.fingerprint,
+                                    vocab_size=tokenizer.vocab_size, token_dtype=token_dtype.name),
+            source=SourceInfo(path=str(source.resolve()), lines=lines, sha256=sha256),
+            counts=Counts(samples=lines, tokens=int(lengths.sum()), trained_tokens=trained_tokens, dropped={},
+                          invalid_lines=0, invalid_reasons={}),
+            lengths=length_stats(lengths),
+            imported=ImportInfo(format=FORMAT),
+        ), []
+
+    return write_dataset(directory, fingerprint, False, f"converting {source}", make)
 
 
 def _chunks(source: Path, vocab_size: int, token_dtype: np.dtype):

@@ -88,13 +88,7 @@ class PreprocessPlan:
 
 def plan_preprocessing(args: DataProcessArgs) -> PreprocessPlan:
     """Checks the input, the output directory, the tokenizer and the template; writes nothing."""
-    data_path, out = Path(args.data_path), Path(args.data_output_path)
-    check_input(data_path, args.data_path)
-    if out.exists() and not out.is_dir():
-        raise PathExistsError("", ("data_output_path",), "is a file; give a directory path", args.data_output_path)
-    if lies_inside(data_path, out):
-        raise ConfigError("", ("data_path",), f"lies inside data_output_path ({out}): keep the input outside the "
-                          "directory the dataset is written to", args.data_path)
+    data_path, out = check_paths(args)
     files = load_tokenizer_files(args.model_path, args.chat_tmpl_path)
     with open(data_path, "rb") as f:
         input_sha = hashlib.file_digest(f, "sha256").hexdigest()
@@ -124,18 +118,26 @@ def run_preprocessing(plan: PreprocessPlan, progress: bool | None = None, shard_
     INSTRUCTPACK_PREPROCESS_WAIT_S seconds, default 2 hours), then reuses what it made."""
     if plan.reusable:
         return PreprocessResult(plan.output_path, plan.existing, reused=True)
+    return write_dataset(plan.output_path, plan.fingerprint, plan.args.overwrite, f"preprocessing of {plan.data_path}",
+                         lambda write: _process(plan, write, progress, shard_tokens))
+
+
+def write_dataset(out: Path, fingerprint: str, overwrite: bool, what: str, make) -> PreprocessResult:
+    """Under the directory's preprocessing lock: the dataset already there when its
+    fingerprint matches (unless `overwrite`), else `make(write)` -> (manifest, invalid
+    examples) written atomically (writing.py). An OSError is a WriteError saying that what
+    was there is intact."""
     start = time.perf_counter()
-    out = plan.output_path
     wait_s = float(os.environ.get("INSTRUCTPACK_PREPROCESS_WAIT_S", PREPROCESS_WAIT_S))
     try:
-        with locks.exclusive(out / PREPROCESS_LOCK, locks.holder_note(f"preprocessing of {plan.data_path}"),
-                             wait_s=wait_s, waiting=f"preprocessing into {out}"):
+        with locks.exclusive(out / PREPROCESS_LOCK, locks.holder_note(what), wait_s=wait_s,
+                             waiting=f"preprocessing into {out}"):
             existing = existing_manifest(out)  # what a preprocessing we waited for made
-            if existing is not None and existing.fingerprint == plan.fingerprint and not plan.args.overwrite:
+            if existing is not None and existing.fingerprint == fingerprint and not overwrite:
                 return PreprocessResult(out, existing, reused=True)
             with dataset_write(out) as write:
-                manifest, invalid_examples = _process(plan, write, progress, shard_tokens)
-                manifest.fingerprint = plan.fingerprint
+                manifest, invalid_examples = make(write)
+                manifest.fingerprint = fingerprint
                 manifest.elapsed_s = round(time.perf_counter() - start, 3)
                 write.commit(manifest)
     except OSError as e:
@@ -147,6 +149,18 @@ def run_preprocessing(plan: PreprocessPlan, progress: bool | None = None, shard_
         with contextlib.suppress(OSError):
             out.rmdir()  # only if it is empty: a first preprocessing that failed leaves nothing
     return PreprocessResult(out, manifest, invalid_examples=invalid_examples)
+
+
+def check_paths(args: DataProcessArgs) -> tuple[Path, Path]:
+    """The input file and the output directory, checked: (data_path, data_output_path)."""
+    data_path, out = Path(args.data_path), Path(args.data_output_path)
+    check_input(data_path, args.data_path)
+    if out.exists() and not out.is_dir():
+        raise PathExistsError("", ("data_output_path",), "is a file; give a directory path", args.data_output_path)
+    if lies_inside(data_path, out):
+        raise ConfigError("", ("data_path",), f"lies inside data_output_path ({out}): keep the input outside the "
+                          "directory the dataset is written to", args.data_path)
+    return data_path, out
 
 
 def check_input(data_path: Path, given: str) -> None:

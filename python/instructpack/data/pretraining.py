@@ -17,24 +17,19 @@ No torch here: `instructpack-preprocess --pretraining-block-size N` runs it on a
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
 import numpy as np
 
-from .. import locks
 from ..config import DataProcessArgs, PretrainingConfig
-from ..errors import ConfigError, InputError, InstructPackError, PathExistsError, WriteError
-from ..fileio import lies_inside
+from ..errors import ConfigError, InputError
 from .chat import tokenizer_identity
 from .manifest import Counts, Manifest, PretrainingInfo, SourceInfo, TokenizerInfo
 from .shards import ShardSequenceWriter, token_dtype_for
-from .writing import dataset_write, existing_manifest
 
 CHUNK_LINES = 2048
 FORMAT_VERSION = 1
@@ -43,16 +38,10 @@ FORMAT_VERSION = 1
 def preprocess_documents(args: DataProcessArgs, pretraining: PretrainingConfig, progress: bool | None = None):
     """Preprocesses `args.data_path` (documents) into `args.data_output_path`, or reuses a
     matching output already there. Returns a preprocess.PreprocessResult."""
-    from .preprocess import PREPROCESS_LOCK, PREPROCESS_WAIT_S, PreprocessResult, check_input, length_stats
+    from .preprocess import check_paths, length_stats, write_dataset
 
     pretraining.validate()
-    data_path, out = Path(args.data_path), Path(args.data_output_path)
-    check_input(data_path, args.data_path)
-    if out.exists() and not out.is_dir():
-        raise PathExistsError("", ("data_output_path",), "is a file; give a directory path", args.data_output_path)
-    if lies_inside(data_path, out):
-        raise ConfigError("", ("data_path",), f"lies inside data_output_path ({out}): keep the input outside the "
-                          "directory the dataset is written to", args.data_path)
+    data_path, out = check_paths(args)
     identity = tokenizer_identity(args.model_path)
     tokenizer = _tokenizer(args.model_path)
     with open(data_path, "rb") as f:
@@ -60,55 +49,40 @@ def preprocess_documents(args: DataProcessArgs, pretraining: PretrainingConfig, 
     fingerprint = hashlib.sha256("\0".join(map(str, (
         "pretraining", FORMAT_VERSION, input_sha, identity.fingerprint, pretraining.block_size,
         pretraining.document_column_name, args.skip_invalid_lines))).encode()).hexdigest()[:24]
-    start = time.perf_counter()
-    try:
-        with locks.exclusive(out / PREPROCESS_LOCK, locks.holder_note(f"preprocessing of {data_path}"),
-                             wait_s=PREPROCESS_WAIT_S, waiting=f"preprocessing into {out}"):
-            existing = existing_manifest(out)
-            if existing is not None and existing.fingerprint == fingerprint and not args.overwrite:
-                return PreprocessResult(out, existing, reused=True)
-            with dataset_write(out) as write:
-                token_dtype = token_dtype_for(identity.vocab_size)
-                writer = ShardSequenceWriter(write.directory, token_dtype, write.shard_name)
-                stats = {"lines": 0, "documents": 0, "empty": 0, "invalid": 0, "tokens": 0, "trained": 0}
-                lengths_seen, invalid_examples = [], []
-                for block in _blocks(data_path, tokenizer, pretraining, args.skip_invalid_lines, stats,
-                                     invalid_examples):
-                    tokens, mask, lengths, trained, lines = block
-                    writer.append(tokens.astype(token_dtype), mask, lengths, trained, lines)
-                    lengths_seen.append(lengths)
-                    stats["tokens"] += int(lengths.sum())
-                    stats["trained"] += int(trained.sum())
-                if not lengths_seen:
-                    raise InputError(str(data_path), None, f"no document with text under "
-                                     f"{pretraining.document_column_name!r} ({stats['empty']} empty)")
-                lengths = np.concatenate(lengths_seen)
-                manifest = Manifest(
-                    shards=writer.close(),
-                    tokenizer=TokenizerInfo(path=str(Path(args.model_path).resolve()),
-                                            fingerprint=identity.fingerprint, vocab_size=identity.vocab_size,
-                                            token_dtype=token_dtype.name),
-                    source=SourceInfo(path=str(data_path.resolve()), lines=stats["lines"], sha256=input_sha),
-                    counts=Counts(samples=len(lengths), tokens=stats["tokens"], trained_tokens=stats["trained"],
-                                  dropped={"empty_document": stats["empty"]}, invalid_lines=stats["invalid"],
-                                  invalid_reasons={"not_a_document": stats["invalid"]} if stats["invalid"] else {}),
-                    lengths=length_stats(lengths),
-                    fingerprint=fingerprint,
-                    pretraining=PretrainingInfo(block_size=pretraining.block_size,
-                                                document_column_name=pretraining.document_column_name,
-                                                documents=stats["documents"]),
-                )
-                manifest.elapsed_s = round(time.perf_counter() - start, 3)
-                write.commit(manifest)
-    except OSError as e:
-        if isinstance(e, InstructPackError):
-            raise
-        raise WriteError(f"could not write the dataset into {out}: {e}; what was there is intact. Free space on "
-                         "that disk or choose another data_output_path") from e
-    finally:
-        with contextlib.suppress(OSError):
-            out.rmdir()  # only if it is empty
-    return PreprocessResult(out, manifest, invalid_examples=invalid_examples)
+
+    def make(write):
+        token_dtype = token_dtype_for(identity.vocab_size)
+        writer = ShardSequenceWriter(write.directory, token_dtype, write.shard_name)
+        stats = {"lines": 0, "documents": 0, "empty": 0, "invalid": 0, "tokens": 0, "trained": 0}
+        lengths_seen, invalid_examples = [], []
+        for block in _blocks(data_path, tokenizer, pretraining, args.skip_invalid_lines, stats,
+                             invalid_examples):
+            tokens, mask, lengths, trained, lines = block
+            writer.append(tokens.astype(token_dtype), mask, lengths, trained, lines)
+            lengths_seen.append(lengths)
+            stats["tokens"] += int(lengths.sum())
+            stats["trained"] += int(trained.sum())
+        if not lengths_seen:
+            raise InputError(str(data_path), None, f"no document with text under "
+                             f"{pretraining.document_column_name!r} ({stats['empty']} empty)")
+        lengths = np.concatenate(lengths_seen)
+        manifest = Manifest(
+            shards=writer.close(),
+            tokenizer=TokenizerInfo(path=str(Path(args.model_path).resolve()),
+                                    fingerprint=identity.fingerprint, vocab_size=identity.vocab_size,
+                                    token_dtype=token_dtype.name),
+            source=SourceInfo(path=str(data_path.resolve()), lines=stats["lines"], sha256=input_sha),
+            counts=Counts(samples=len(lengths), tokens=stats["tokens"], trained_tokens=stats["trained"],
+                          dropped={"empty_document": stats["empty"]}, invalid_lines=stats["invalid"],
+                          invalid_reasons={"not_a_document": stats["invalid"]} if stats["invalid"] else {}),
+            lengths=length_stats(lengths),
+            pretraining=PretrainingInfo(block_size=pretraining.block_size,
+                                        document_column_name=pretraining.document_column_name,
+                                        documents=stats["documents"]),
+        )
+        return manifest, invalid_examples
+
+    return write_dataset(out, fingerprint, args.overwrite, f"preprocessing of {data_path}", make)
 
 
 class _Tokenizer:
