@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import load, pack, preprocess, resume, train
+from . import load, loss, pack, preprocess, resume, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     preprocess.add_parser(sub)
     pack.add_parser(sub)
     load.add_parser(sub)
+    loss.add_parser(sub)
     train.add_parser(sub)
     resume.add_parser(sub)
     ns = parser.parse_args(argv)

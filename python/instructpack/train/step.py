@@ -9,9 +9,12 @@ the same however the step was split into micro-batches or ranks.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -20,12 +23,16 @@ import torch.nn.functional as F
 from ..callbacks import CallbackRunner
 from ..data.collate import IGNORE_INDEX, MicroBatch
 from ..data.loader import Step
+from . import chunked_loss
 from .backends import Backend
+from .chunked_loss import chunked_linear_cross_entropy, logit_finish
 from .distributed import World, all_reduce
 from .model import moe
 from .model.layers import hf_model
 from .model.liger import has_fused_loss
 from .optim import MAX_GRAD_NORM
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,6 +78,16 @@ def forward_loss(model: torch.nn.Module, mb: MicroBatch, router: bool = False) -
                                  shift_labels=mb.shift_labels, num_items_in_batch=one).loss.float())
     keep = _target_positions(mb) if _accepts_logits_to_keep(type(hf_model(model))) else None
     extra = {"output_router_logits": True} if router else {}
+    if keep is not None and keep.dtype != torch.bool and _chunks_output_layer(model, mb) \
+            and len(keep) * hf_model(model).get_output_embeddings().weight.shape[0] > chunked_loss.CHUNK_LOGITS:
+        # The output layer's loss in chunks of tokens (chunked_loss.py): the model runs
+        # without computing any logits, and its decoder's output goes to the chunked loss.
+        with _decoder_output(hf_model(model)) as hidden:
+            out = model(**mb.model_inputs(), use_cache=False, logits_to_keep=keep[:0], **extra)
+        head = hf_model(model).get_output_embeddings()
+        summed = chunked_linear_cross_entropy(hidden[0][0, keep], head.weight, mb.shift_labels[0, keep],
+                                              bias=head.bias, finish=logit_finish(hf_model(model).config))
+        return _with_router(model, summed, out, router)
     if keep is None:
         out = model(**mb.model_inputs(), use_cache=False, **extra)
         logits, labels = out.logits, mb.shift_labels
@@ -80,11 +97,67 @@ def forward_loss(model: torch.nn.Module, mb: MicroBatch, router: bool = False) -
         labels = mb.shift_labels[:, keep] if keep.dtype != torch.bool else mb.shift_labels[keep]
     summed = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                              ignore_index=IGNORE_INDEX, reduction="sum")
+    return _with_router(model, summed, out, router)
+
+
+def _with_router(model: torch.nn.Module, summed: torch.Tensor, out, router: bool) -> ForwardLoss:
     if not router:
         return ForwardLoss(summed)
     config = hf_model(model).config
     counts = moe.expert_counts(out.router_logits, moe.experts_per_token(config), moe.num_experts(config))
     return ForwardLoss(summed, out.aux_loss.float(), counts)
+
+
+@contextlib.contextmanager
+def _decoder_output(model: torch.nn.Module):
+    """A list that receives the last hidden state of `model`'s decoder during the block."""
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+    handle = model.get_decoder().register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+_CHUNKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # transformers model -> chunked loss fits it
+
+
+def _chunks_output_layer(model: torch.nn.Module, mb: MicroBatch) -> bool:
+    """Whether the output layer's loss can be chunked for this model: an output layer whose
+    weight is there after the forward pass (not DeepSpeed ZeRO-3, which partitions it), and
+    the logits it gives through logit_finish equal the model's own on the first micro-batch's
+    first tokens (so a model that transforms its logits otherwise keeps the plain path)."""
+    hf = hf_model(model)
+    if hf in _CHUNKED:
+        return _CHUNKED[hf]
+    head = hf.get_output_embeddings()
+    ok = head is not None and isinstance(getattr(head, "weight", None), torch.Tensor) \
+        and not hasattr(head.weight, "ds_id")
+    if ok:  # every rank runs the same forward passes here: collectives stay matched
+        n = min(mb.input_ids.shape[1], 32)
+        probe = {"input_ids": mb.input_ids[:, :n], "position_ids": mb.position_ids[:, :n]}
+        with torch.no_grad():
+            logits = model(**probe, use_cache=False).logits[0].float()
+            with _decoder_output(hf) as hidden:
+                model(**probe, use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long,
+                                                                           device=mb.input_ids.device))
+            ours = F.linear(hidden[0][0], head.weight, head.bias)
+            finish = logit_finish(hf.config)
+            ours = (finish(ours) if finish is not None else ours).float()
+        ok = torch.allclose(ours, logits, rtol=1e-2 if ours.dtype != logits.dtype else 1e-3, atol=1e-3)
+        if ok:
+            vocab = head.weight.shape[0]
+            log.info("output layer loss: in chunks of %d tokens when a micro-batch has more than %d target "
+                     "logits", chunked_loss.default_chunk(vocab), chunked_loss.CHUNK_LOGITS)
+        else:
+            log.warning("%s transforms its logits in a way the chunked loss does not know: the loss holds all "
+                        "target logits at once for this model", type(hf).__name__)
+    _CHUNKED[hf] = ok
+    return ok
 
 
 def _target_positions(mb: MicroBatch) -> torch.Tensor | None:
