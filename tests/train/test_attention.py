@@ -227,3 +227,61 @@ def test_decode_step_with_cache_matches_full_forward():
         prefill = packed(input_ids=ids[:, :-1], use_cache=True)
         got = packed(input_ids=ids[:, -1:], cache=prefill.cache, use_cache=True).logits[0, -1]
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def _fake_varlen(calls, with_window: bool):
+    """torch's varlen_attn, computed here per sample with SDPA (the real one needs CUDA),
+    recording what it was given; with or without the window_size argument (torch versions)."""
+    import torch.nn.functional as F
+
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window=(-1, 0), enable_gqa=False, causal=True):
+        calls.append({"cu": cu_q.tolist(), "cu_k": cu_k.tolist(), "max": (max_q, max_k), "window": window,
+                      "dtype": cu_q.dtype, "gqa": enable_gqa, "shape": tuple(q.shape)})
+        out = []
+        for a, b in zip(cu_q.tolist()[:-1], cu_q.tolist()[1:]):
+            qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))
+            n = b - a
+            i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+            allowed = (j <= i) & ((i - j <= window[0]) if window[0] >= 0 else True)
+            out.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale,
+                                                      enable_gqa=enable_gqa)[0].transpose(0, 1))
+        return torch.cat(out)
+
+    if with_window:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1), enable_gqa=False):
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale, window=window_size,
+                          enable_gqa=enable_gqa)
+    else:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, scale=None):
+            assert is_causal
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale=scale)
+    return varlen_attn
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "granite"])
+@pytest.mark.parametrize("with_window", [True, False])
+def test_torch_varlen_attention_on_cuda_gets_the_row_in_one_call(kind, with_window, monkeypatch):
+    """Where CUDA has no flash-attn, the packed row goes to torch's varlen attention in one
+    call: cu_seqlens are the sample bounds (int32), max the longest sample, the causal (and
+    sliding) window as its window_size; logits equal the per-sample SDPA path. A torch
+    without window_size keeps per-sample SDPA for sliding layers."""
+    packed, _ = _models(kind)
+    input_ids, position_ids, bounds = _packed_row(LENGTHS)
+    with torch.no_grad():
+        expected = packed(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    calls = []
+    monkeypatch.setattr(attention, "_use_varlen", lambda query, dropout: True)
+    monkeypatch.setattr(attention, "varlen_attention", lambda: _fake_varlen(calls, with_window))
+    with torch.no_grad():
+        got = packed(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=ATOL)
+    if kind == "mistral" and not with_window:
+        assert calls == []  # a sliding window this torch cannot express: the SDPA path
+        return
+    assert len(calls) == 2  # one per layer, not one per sample
+    for call in calls:
+        assert call["cu"] == call["cu_k"] == bounds and call["dtype"] == torch.int32
+        assert call["max"] == (max(LENGTHS), max(LENGTHS)) and call["shape"] == (sum(LENGTHS), 4, 16)
+        if with_window:
+            assert call["window"] == ((WINDOW - 1, 0) if kind == "mistral" else (-1, 0)) and call["gqa"]

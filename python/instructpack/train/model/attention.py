@@ -3,9 +3,10 @@
 transformers runs a packed row under "sdpa" by building a block-diagonal T x T mask, so
 attention costs T^2 in time and memory (T = tokens in the row) although only sum(l_i^2)
 of it is needed, and SDPA cannot use its fused causal kernels with an explicit mask. For
-8 samples of 1,000 tokens that is 8x the necessary work. "sdpa_packed" instead cuts the
-row at the sample boundaries and runs causal SDPA on each sample: the varlen idea of
-flash-attention, with the stock kernel. Anything else (batches of several rows, padding
+8 samples of 1,000 tokens that is 8x the necessary work. "sdpa_packed" instead gives the
+row to torch's own variable-length flash attention (`torch.nn.attention.varlen`, torch >=
+2.10) in one call on CUDA in half precision, and elsewhere cuts the row at the sample
+boundaries and runs causal SDPA on each sample. Anything else (batches of several rows, padding
 masks, decoding with a KV cache) goes to transformers' own sdpa and mask unchanged.
 
 Registered with transformers' attention interfaces on import; the mask function returns
@@ -14,7 +15,9 @@ no mask at all, because the boundaries come from the position ids.
 
 from __future__ import annotations
 
+import inspect
 import sys
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +28,64 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 NAME = "sdpa_packed"
 
 
+_BOUNDS: list = [None, None]  # (weak reference to the last position ids, their bounds)
+
+
 def sample_bounds(position_ids: torch.Tensor) -> list[int]:
-    """Start offsets of the samples in a [1, T] packed row, plus T: positions restart at 0."""
+    """Start offsets of the samples in a [1, T] packed row, plus T: positions restart at 0.
+    Found once per forward pass (one host-device sync), not once per layer: every layer
+    gets the same position-ids tensor, recognised by identity while it lives."""
+    ref, bounds = _BOUNDS
+    if ref is not None and ref() is position_ids:
+        return bounds
     starts = torch.nonzero(position_ids[0] == 0).flatten().tolist()
     if not starts or starts[0] != 0:
         starts = [0, *starts]
-    return [*starts, position_ids.shape[1]]
+    bounds = [*starts, position_ids.shape[1]]
+    _BOUNDS[:] = [weakref.ref(position_ids), bounds]
+    return bounds
+
+
+def varlen_attention():
+    """torch's own variable-length (flash) attention, torch >= 2.10; None where it is absent."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _use_varlen(query: torch.Tensor, dropout: float) -> bool:
+    """On CUDA in half precision, without dropout (its kernel has none), when torch has it."""
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and dropout == 0.0 \
+        and varlen_attention() is not None
+
+
+def varlen_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int],
+                   scaling: float | None, window: int | None) -> torch.Tensor | None:
+    """The packed row [1, heads, T, dim] through torch's varlen attention, one call for all
+    samples; [1, T, heads, dim], or None where this torch cannot express the layer (a
+    sliding window before the window_size argument)."""
+    varlen = varlen_attention()
+    params = inspect.signature(varlen).parameters
+    options = {"scale": scaling}
+    if "window_size" in params:
+        # (left, 0) is causal with `left` earlier keys; transformers' window counts the query itself.
+        options["window_size"] = (window - 1 if window else -1, 0)
+    elif "is_causal" in params and not window:
+        options["is_causal"] = True
+    else:
+        return None
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, heads, dim]
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            options["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=query.device)
+    out = varlen(q, k, v, cu, cu, max(lengths), max(lengths), **options)
+    return out[None]
 
 
 def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -43,6 +98,10 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     bounds = [0, query.shape[2]] if position_ids is None else sample_bounds(position_ids)
     gqa = key.shape[1] != query.shape[1]  # grouped-query attention: fewer key/value heads
     window = kwargs.get("sliding_window")
+    if _use_varlen(query, dropout):  # CUDA without flash-attn: one kernel call for the whole row
+        out = varlen_forward(query, key, value, bounds, scaling, window)
+        if out is not None:
+            return out.contiguous(), None
     parts = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         # A sliding-window layer (Mistral, some Qwen2 layers) needs a banded mask, but only

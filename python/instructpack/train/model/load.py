@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 
 def choose_attention(device: torch.device, disable_flash_attn: bool, model_class: type | None = None) -> str:
     """flash_attention_2 (varlen kernels, packed rows natively) on CUDA when the package is
-    installed, not disabled and supported by the model; else per-sample SDPA, or the
-    model's own eager attention per sample where it has no SDPA (GPT-OSS; attention.py)."""
+    installed, not disabled and supported by the model; else "sdpa_packed" (torch's own
+    varlen attention on CUDA in bf16/fp16, per-sample SDPA elsewhere), or the model's own
+    eager attention per sample where it has no SDPA (GPT-OSS; attention.py)."""
     if device.type == "cuda" and not disable_flash_attn and importlib.util.find_spec("flash_attn") is not None \
             and getattr(model_class, "_supports_flash_attn", True):
         return "flash_attention_2"
