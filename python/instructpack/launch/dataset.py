@@ -35,35 +35,27 @@ def prepare_dataset(args: TrainingArgs, world_size: int = 1,
     # as it is, against the model's tokenizer. What preprocessing writes or reuses now was
     # made with this tokenizer and template (they are part of its reuse fingerprint), and
     # what it has just written was checksummed as it was written.
-    just_written = False
+    result = None
     if args.mock_data:
         path = _mock_dataset(args)
-    elif args.pretraining_config is not None and args.process_data:
+    elif args.process_data and args.pretraining_config is not None:
         blocks = args.pretraining_config.block_size
         if blocks > args.max_batch_len:
             raise ConfigError("training_args", ("pretraining_config", "block_size"), f"a block must fit one "
                               f"micro-batch: raise max_batch_len to at least {blocks}, or lower block_size", blocks)
-        result = preprocess(DataProcessArgs(
-            data_path=args.data_path, data_output_path=args.data_output_dir, model_path=args.model_path,
-            max_seq_len=args.max_seq_len, num_cpu_procs=args.data_process_num_cpu_procs,
-            pretraining=args.pretraining_config))
-        print(result.summary(), flush=True)
-        path, just_written = result.output_path, not result.reused
+        result = preprocess(_data_process_args(args))
     elif args.process_data:
-        plan = plan_preprocessing(DataProcessArgs(
-            data_path=args.data_path, data_output_path=args.data_output_dir, model_path=args.model_path,
-            chat_tmpl_path=args.chat_tmpl_path, max_seq_len=args.max_seq_len,
-            num_cpu_procs=args.data_process_num_cpu_procs))
+        plan = plan_preprocessing(_data_process_args(args))
         _check_resumed_data(plan, *resuming)
         result = run_preprocessing(plan)
-        print(result.summary(), flush=True)
-        path, just_written = result.output_path, not result.reused
     elif _instructlab_data_to_import(Path(args.data_output_dir)):
         result = import_instructlab_data(args.data_output_dir, args.model_path)
-        print(result.summary(), flush=True)
-        path, just_written = result.output_path, not result.reused
     else:
         path = Path(args.data_output_dir)
+    just_written = result is not None and not result.reused
+    if result is not None:
+        print(result.summary(), flush=True)
+        path = result.output_path
     dataset = load_dataset(path, verify=not just_written)  # DatasetError names the file and the fix
     if not args.process_data or args.mock_data:
         check_dataset_matches_model(path, args.model_path, args.chat_tmpl_path)
@@ -91,6 +83,13 @@ def prepare_dataset(args: TrainingArgs, world_size: int = 1,
     check_plan_settings(lengths, effective_batch_size=args.effective_batch_size,
                         max_batch_len=args.max_batch_len, world_size=world_size)
     return path
+
+
+def _data_process_args(args: TrainingArgs) -> DataProcessArgs:
+    """What run_training preprocesses data_path with: InstructLab's length rule (min_seq_len None)."""
+    return DataProcessArgs(data_path=args.data_path, data_output_path=args.data_output_dir, model_path=args.model_path,
+                           chat_tmpl_path=args.chat_tmpl_path, max_seq_len=args.max_seq_len,
+                           num_cpu_procs=args.data_process_num_cpu_procs, pretraining=args.pretraining_config)
 
 
 def _instructlab_data_to_import(directory: Path) -> bool:

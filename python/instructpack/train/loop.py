@@ -72,9 +72,11 @@ def validation_split(args: TrainingArgs, dataset: TokenDataset) -> Split | None:
     return make_split(dataset.path, dataset.manifest, len(dataset), args.validation_split, args.random_seed)
 
 
-def training_sampler(args: TrainingArgs, world: World, dataset: TokenDataset) -> MultipackSampler:
-    """This rank's view of the run's multipack plan (of the samples not held out)."""
-    split = validation_split(args, dataset)
+def training_sampler(args: TrainingArgs, world: World, dataset: TokenDataset,
+                     split: Split | None = None) -> MultipackSampler:
+    """This rank's view of the run's multipack plan (of the samples not held out; `split`:
+    the run's validation split, read here when not given)."""
+    split = split if split is not None else validation_split(args, dataset)
     return MultipackSampler(dataset.lengths, effective_batch_size=args.effective_batch_size,
                             max_batch_len=args.max_batch_len, world_size=world.world_size, rank=world.rank,
                             seed=args.random_seed, target_counts=dataset.target_counts,
@@ -117,7 +119,8 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
     """Runs every epoch, or what is left of them after the newest full-state checkpoint (the
     launcher's `resume_choice` when it made one), calling `callbacks`' hooks on the way."""
     stop = stop or StopRequest()
-    sampler = training_sampler(args, world, dataset)
+    split = validation_split(args, dataset)
+    sampler = training_sampler(args, world, dataset, split)
     loader = StepLoader(dataset, sampler, pin_memory=world.device.type == "cuda")
     total_steps = sampler.steps_per_epoch * args.num_epochs
     most_micro_batches = int(sampler.plan(sampler.epoch).micro_batches_per_step.max())
@@ -127,7 +130,6 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
     summary = DatasetSummary.of(dataset.path, dataset.manifest)
     progress, resumed_from = resume(args.ckpt_output_dir, backend, scheduler, sampler, fingerprint, world,
                                     dataset=summary, choice=resume_choice)
-    split = validation_split(args, dataset)
     validation = Validation(args, world, dataset, split.validation) if split is not None else None
     checkpoints = CheckpointSchedule.from_args(args)
     native_checkpoints = CheckpointSchedule.deepspeed_native(args)
