@@ -159,3 +159,17 @@ def test_a_model_whose_logits_are_transformed_otherwise_keeps_the_plain_loss(mod
     logits = model(**mb.model_inputs(), use_cache=False).logits[0, mb.target_positions]
     expected = F.cross_entropy(logits.float(), mb.shift_labels[0, mb.target_positions], reduction="sum")
     assert loss == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_the_check_draws_no_random_numbers_and_accepts_a_model_with_dropout(models):
+    """The one-time check runs two forward passes: they must leave the dropout stream as it
+    was (a resumed run draws what a run never stopped draws) and see the same dropout."""
+    from transformers import AutoModelForCausalLM
+
+    from instructpack.train import step
+
+    model = AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32, attention_dropout=0.3)
+    model.train()
+    before = torch.get_rng_state()
+    assert step._chunks_output_layer(model, _micro_batch(5)) is True
+    assert torch.equal(torch.get_rng_state(), before)

@@ -140,8 +140,13 @@ def _chunks_output_layer(model: torch.nn.Module, mb: MicroBatch) -> bool:
     if ok:  # every rank runs the same forward passes here: collectives stay matched
         n = min(mb.input_ids.shape[1], 32)
         probe = {"input_ids": mb.input_ids[:, :n], "position_ids": mb.position_ids[:, :n]}
-        with torch.no_grad():
+        # The probe draws no random numbers for the run (dropout in a resumed run must follow
+        # the same stream as in one never stopped), and both passes draw the same dropout.
+        device = mb.input_ids.device
+        with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            state = _rng_state(device)
             logits = model(**probe, use_cache=False).logits[0].float()
+            _rng_state(device, state)
             with _decoder_output(hf) as hidden:
                 model(**probe, use_cache=False, logits_to_keep=torch.zeros(0, dtype=torch.long,
                                                                            device=mb.input_ids.device))
@@ -158,6 +163,18 @@ def _chunks_output_layer(model: torch.nn.Module, mb: MicroBatch) -> bool:
                         "target logits at once for this model", type(hf).__name__)
     _CHUNKED[hf] = ok
     return ok
+
+
+def _rng_state(device: torch.device, state=None):
+    """The random generator state that dropout on `device` draws from; with `state`, restored."""
+    cuda = device.type == "cuda"
+    if state is None:
+        return torch.cuda.get_rng_state(device) if cuda else torch.get_rng_state()
+    if cuda:
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+    return state
 
 
 def _target_positions(mb: MicroBatch) -> torch.Tensor | None:
