@@ -55,7 +55,8 @@ def config(device="cpu", **kw):
 
 def test_config_defaults_to_stage_2_fp32_on_cpu():
     c = config()
-    assert c["zero_optimization"] == {"stage": 2}
+    assert c["zero_optimization"] == {"stage": 2}  # gloo: nothing to overlap with
+    assert c["data_types"] == {"grad_accum_dtype": "fp32"}
     assert c["gradient_clipping"] == 1.0
     assert c["bf16"] == {"enabled": False} and c["fp16"] == {"enabled": False}
     assert c["gradient_accumulation_steps"] == 1 and c["train_micro_batch_size_per_gpu"] == 1
@@ -67,6 +68,10 @@ def test_config_stage_3_bf16_on_cuda_and_gas():
     assert c["zero_optimization"]["stage"] == 3
     assert c["bf16"] == {"enabled": True}
     assert c["communication_data_type"] == "fp32"  # gradients reduced in fp32, as under FSDP2
+    assert c["data_types"] == {"grad_accum_dtype": "fp32"}  # and accumulated in fp32, as under FSDP2 and DDP
+    # Reduction overlaps the backward, in buckets far below DeepSpeed's 5e8-element default.
+    zero = c["zero_optimization"]
+    assert zero["overlap_comm"] is True and zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 2e8
     assert c["gradient_accumulation_steps"] == 5
 
 
