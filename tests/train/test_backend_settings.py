@@ -47,7 +47,9 @@ def test_mesh_per_sharding_strategy(strategy, world, per_node, shape):
     ({}, CUDA, torch.float32, None),
     ({"distributed_backend": "ddp"}, CUDA, torch.float32, torch.bfloat16),
     ({"distributed_backend": "deepspeed"}, CUDA, torch.bfloat16, None),  # DeepSpeed keeps the masters
-    ({"distributed_backend": "ddp", "lora": {"rank": 8}}, CUDA, torch.bfloat16, None),  # frozen base
+    # frozen base in bf16; autocast so that peft keeps no fp32 copies of the adapted inputs
+    ({"distributed_backend": "ddp", "lora": {"rank": 8}}, CUDA, torch.bfloat16, torch.bfloat16),
+    ({"distributed_backend": "deepspeed", "lora": {"rank": 8}}, CUDA, torch.bfloat16, None),
     ({"lora": {"rank": 8}}, CUDA, torch.float32, None),  # FSDP2 shards it like any weight
 ])
 def test_precision_policy(settings, device, loaded, autocast):

@@ -379,3 +379,35 @@ def test_qlora_trains_saves_and_merges(models, tokenizer, tmp_path):
     # The merged model holds the dequantized NF4 weights plus the adapters: the same
     # function as the 4-bit model, up to float rounding.
     check_merged(tmp_path, ids, expected, atol=1e-4)
+
+
+# -- LoRA over a bf16 base under DDP/one process (GPUs) --------------------------------------------
+
+def saved_fp32_activations(model, ids, autocast: bool) -> int:
+    """How many whole fp32 activations (>= tokens x hidden elements) the forward pass saves
+    for the backward."""
+    saved = []
+
+    def pack(t):
+        if t.dtype == torch.float32 and t.numel() >= ids.numel() * model.config.hidden_size:
+            saved.append(tuple(t.shape))
+        return t
+
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), context:
+        logits = model(input_ids=ids, use_cache=False).logits
+    logits.float().sum().backward()
+    return len(saved)
+
+
+def test_bf16_lora_under_autocast_saves_no_fp32_copies_of_the_adapted_inputs(models):
+    """The run's precision on a GPU (bf16 base, fp32 adapters, autocast: train/precision.py),
+    here on the CPU in bf16. peft casts each adapted input to its adapter's fp32; without
+    autocast that fp32 copy is what the adapter's matmul saves for the backward, one per
+    adapted projection (7 per layer). Under autocast the matmul runs in bf16 and saves bf16.
+    (The norms save fp32 in both: they compute in fp32 on purpose.)"""
+    model = lora.apply_lora(load(models["qwen3"], dtype=torch.bfloat16), OPTIONS, gradient_checkpointing=False)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    ids = torch.randint(5, 600, (1, 96), generator=torch.Generator().manual_seed(0))
+    plain, autocast = (saved_fp32_activations(model, ids, autocast=a) for a in (False, True))
+    assert plain - autocast >= len(PROJECTIONS) * model.config.num_hidden_layers, (plain, autocast)

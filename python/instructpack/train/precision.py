@@ -7,8 +7,11 @@ are often below bf16's resolution (8 bits of mantissa) and would be rounded away
 - FSDP2 and DDP keep the weights in fp32; FSDP2 casts them to bf16 per layer (its mixed
   precision policy), DDP and one process run the forward under bf16 autocast;
 - DeepSpeed is given a bf16 model and keeps its own fp32 masters (its `bf16` setting);
-- a LoRA base is frozen, so it has no masters to keep: it stays bf16 under DDP (the
-  adapters are fp32); FSDP2 shards it in fp32 like any other weight.
+- a LoRA base is frozen, so it has no masters to keep: it stays bf16 under DDP, and the
+  forward runs under bf16 autocast there too, so the fp32 adapters compute in bf16 and
+  save bf16 inputs for their backward (without autocast peft casts every adapted input to
+  fp32 and keeps that copy: GBs per layer at 16k tokens of an 8B model); FSDP2 shards the
+  base in fp32 like any other weight.
 Gradients are reduced across ranks in fp32 by every backend. Hugging Face checkpoints are
 written in the compute dtype (bf16 on GPUs: half the size of the fp32 masters).
 """
@@ -26,7 +29,7 @@ from ..config import DistributedBackend, TrainingArgs
 class Precision:
     weights: torch.dtype  # what the model's parameters are loaded and kept in
     compute: torch.dtype  # what the matmuls run in (also QLoRA's dequantized compute)
-    autocast: bool  # the forward runs under autocast(compute): fp32 weights no backend casts itself
+    autocast: bool  # the forward runs under autocast(compute): fp32 weights or fp32 LoRA adapters no backend casts
     reduce: torch.dtype = torch.float32  # gradients across ranks
 
     @property
@@ -50,7 +53,9 @@ def decide_precision(args: TrainingArgs, device: torch.device) -> Precision:
     if compute == torch.float32:
         return Precision(weights=compute, compute=compute, autocast=False)
     backend = args.distributed_backend
-    if backend == DistributedBackend.DEEPSPEED or (args.lora is not None and backend != DistributedBackend.FSDP):
+    if backend == DistributedBackend.DEEPSPEED:
         return Precision(weights=compute, compute=compute, autocast=False)
+    if args.lora is not None and backend != DistributedBackend.FSDP:
+        return Precision(weights=compute, compute=compute, autocast=True)
     # fp32 masters: FSDP2 casts per layer itself; DDP (and one process) need autocast.
     return Precision(weights=torch.float32, compute=compute, autocast=backend == DistributedBackend.DDP)

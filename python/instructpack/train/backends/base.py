@@ -6,8 +6,8 @@ the backends differ inside a step:
 - `sync(last)`: a context for one micro-batch's forward and backward, which holds back
   what can wait for the last micro-batch of a step (DDP's all-reduce, FSDP2's all-reduce
   across replicas, DeepSpeed's update);
-- `autocast()`: the context of a forward pass (bf16 autocast over fp32 weights for DDP
-  on GPUs, as train/precision.py decides);
+- `autocast()`: the context of a forward pass (bf16 autocast over fp32 weights, or over a
+  bf16 LoRA base with fp32 adapters, for DDP on GPUs, as train/precision.py decides);
 - `backward(loss)` and `step(max_grad_norm)` (clip, update, zero the gradients; returns
   the gradient norm before clipping);
 - `gather_weights()`: the whole model's weights, gathered onto rank 0 for a Hugging Face
@@ -57,7 +57,7 @@ class Backend:
         yield
 
     def autocast(self):
-        """The context of a forward pass: bf16 autocast over fp32 master weights, or nothing."""
+        """The context of a forward pass: bf16 autocast (train/precision.py), or nothing."""
         if not self.precision.autocast:
             return contextlib.nullcontext()
         return torch.autocast(self.world.device.type, dtype=self.precision.compute)
