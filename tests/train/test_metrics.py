@@ -29,7 +29,8 @@ def record(step: int, epoch: int = 0, loss: float = 2.5) -> dict:
     values = dict(epoch=epoch, step=step, loss=loss, lr=1e-5 * step, grad_norm=0.75, samples=8,
                   total_samples=8 * step, tokens=1000, trained_tokens=600, tokens_per_s=2000.0,
                   trained_tokens_per_s=1200.0, samples_per_s=16.0, step_time_s=0.5, micro_batches=2,
-                  peak_memory_mib=512.0, elapsed_s=0.5 * step, router_aux_loss=None, max_expert_load=None)
+                  peak_memory_mib=512.0, elapsed_s=0.5 * step, router_aux_loss=None, max_expert_load=None,
+                  peak_reserved_mib=None)
     assert tuple(values) == RECORD_FIELDS
     return values
 
@@ -226,3 +227,16 @@ def test_peak_memory_on_cpu_is_the_process_peak_rss():
     peak = peak_memory_mib("cpu")
     del block
     assert rss > 256 and rss <= peak < rss + 2**14  # at least what is resident now, not a parent's figure
+
+
+def test_reserved_memory_is_cuda_only_and_a_fragmented_peak_gets_the_allocator_hint():
+    from instructpack.train.metrics import fragmentation_advice, peak_reserved_mib
+
+    assert peak_reserved_mib("cpu") is None
+    assert fragmentation_advice(40_000, None, "") is None  # not CUDA
+    hint = fragmentation_advice(40_000, 60_000, "")
+    assert "60,000 MiB" in hint and "40,000 MiB" in hint and "expandable_segments:True" in hint
+    assert fragmentation_advice(40_000, 60_000, "expandable_segments:True") is None  # already on
+    assert fragmentation_advice(40_000, 60_000, "max_split_size_mb:512, expandable_segments : true") is None
+    assert fragmentation_advice(40_000, 49_000, "") is None  # under a quarter more
+    assert fragmentation_advice(1_000, 1_900, "") is None  # under 1 GiB more

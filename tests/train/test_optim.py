@@ -152,3 +152,29 @@ def test_weight_decay_applies_only_to_the_matrix():
     opt.step()
     torch.testing.assert_close(net.weight.detach(), w0 * (1 - 0.1 * 0.5))
     torch.testing.assert_close(net.bias.detach(), b0)
+
+
+def test_fused_adamw_on_gpus_only_and_it_steps_as_the_foreach_one():
+    import types
+
+    from instructpack.train.optim import implementation
+
+    on_gpu = types.SimpleNamespace(is_cuda=True)
+    assert implementation([on_gpu, on_gpu]) == {"fused": True}
+    assert implementation([on_gpu, torch.zeros(1)]) == {"foreach": True}  # FSDP2 CPU offload, mixed
+    assert implementation([torch.zeros(1)]) == {"foreach": True}
+    assert implementation([on_gpu], fused=False) == {"foreach": True}  # ZeRO-Offload steps on the CPU
+    # The same update (torch's fused AdamW also runs on the CPU): weight decay groups included.
+    nets = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        net = _Net()
+        opt = build_optimizer(net, _args(learning_rate=1e-2, adamw_weight_decay=0.1), fused=fused)
+        assert opt.defaults.get("fused") is (True if fused else None)
+        for _ in range(3):
+            sum(p.square().sum() for p in net.parameters() if p.requires_grad).backward()
+            opt.step()
+            opt.zero_grad()
+        nets.append(net)
+    for a, b in zip(*(n.parameters() for n in nets)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

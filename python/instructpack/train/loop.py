@@ -4,6 +4,7 @@ resuming from the newest full-state checkpoint and stopping cleanly when asked."
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,16 @@ from .checkpoints.identity import DatasetSummary, Progress, run_fingerprint
 from .checkpoints.native import save_native_checkpoint
 from .checkpoints.schedule import DEEPSPEED_FORMAT, CheckpointSchedule, checkpoint_dir
 from .distributed import World, all_reduce
-from .metrics import MetricsLogger, ProgressBar, StepRecord, ValidationRecord, peak_memory_mib, reset_peak_memory
+from .metrics import (
+    MetricsLogger,
+    ProgressBar,
+    StepRecord,
+    ValidationRecord,
+    fragmentation_advice,
+    peak_memory_mib,
+    peak_reserved_mib,
+    reset_peak_memory,
+)
 from .model import moe
 from .optim import build_scheduler
 from .precision import Precision
@@ -41,7 +51,8 @@ def step_record(step: Step, result: StepResult, world: World, global_step: int, 
     denominator is what the micro-batches really held."""
     loss_sum, targets, tokens, samples = all_reduce(
         [result.loss_sum, result.targets, result.tokens, result.samples], world)
-    (peak_mib,) = all_reduce([peak_memory_mib(world.device)], world, op="max")
+    reserved = peak_reserved_mib(world.device)
+    peak_mib, reserved = all_reduce([peak_memory_mib(world.device), reserved or 0.0], world, op="max")
     if int(targets) != step.targets:
         raise RuntimeError(f"step {step.step} of epoch {step.epoch}: the plan counted {step.targets} targets but "
                            f"the micro-batches held {int(targets)}; the dataset's trained-token counts do not "
@@ -61,7 +72,8 @@ def step_record(step: Step, result: StepResult, world: World, global_step: int, 
         grad_norm=result.grad_norm, samples=int(samples), total_samples=samples_before + int(samples),
         tokens=int(tokens), trained_tokens=int(targets), tokens_per_s=tokens / seconds,
         trained_tokens_per_s=targets / seconds, samples_per_s=samples / seconds, step_time_s=seconds,
-        micro_batches=result.micro_batches, peak_memory_mib=peak_mib, elapsed_s=time.perf_counter() - start,
+        micro_batches=result.micro_batches, peak_memory_mib=peak_mib,
+        peak_reserved_mib=reserved if world.device.type == "cuda" else None, elapsed_s=time.perf_counter() - start,
         **router)
 
 
@@ -147,6 +159,7 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
 
     start = time.perf_counter() - progress.elapsed_s  # a resumed run's clock goes on
     stopped_by, saved = None, None
+    advised = False  # the allocator hint is given once per run
     try:
         while sampler.epoch < args.num_epochs and stopped_by is None:
             hooks.context.epoch = sampler.epoch
@@ -157,6 +170,11 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
                 step_result = run_step(backend, step, scheduler, device=world.device, hooks=hooks, world=world)
                 record = step_record(step, step_result, world, progress.step + 1, progress.samples, start)
                 _after_step(hooks.context, record)
+                advice = fragmentation_advice(record.peak_memory_mib, record.peak_reserved_mib,
+                                              os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
+                if advice is not None and world.is_main and not advised:
+                    log.warning("%s", advice)
+                    advised = True
                 hooks.fire("on_log")
                 progress = Progress(step=record.step, samples=record.total_samples,
                                     tokens=progress.tokens + record.tokens, elapsed_s=record.elapsed_s)

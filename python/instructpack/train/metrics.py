@@ -23,7 +23,7 @@ from ..fileio import replace_file
 __all__ = [
     "METRICS_FILENAME", "RECORD_FIELDS", "MetricsLogger", "ProgressBar", "StepRecord", "ValidationRecord",
     "metrics_file",
-    "peak_memory_mib", "read_metrics",
+    "fragmentation_advice", "peak_memory_mib", "peak_reserved_mib", "read_metrics",
 ]
 
 METRICS_FILENAME = "metrics.jsonl"
@@ -46,13 +46,16 @@ class StepRecord(msgspec.Struct, kw_only=True):
     samples_per_s: float  # samples / step_time_s
     step_time_s: float  # wall time of this step, seconds
     micro_batches: int  # forward/backward passes per rank in this step
-    peak_memory_mib: float  # peak memory, max over ranks (MiB = 2**20 bytes)
+    peak_memory_mib: float  # peak memory, max over ranks (MiB = 2**20 bytes); CUDA: allocated by tensors
     elapsed_s: float  # wall time since training started, seconds
     # Mixture-of-experts models only (None otherwise): the router's load-balancing loss as
     # added to the step's loss (the model's coefficient times its mean over micro-batches),
     # and the busiest expert's share of routed tokens over an even share (1.0: balanced).
     router_aux_loss: float | None = None
     max_expert_load: float | None = None
+    # CUDA only (None elsewhere): the peak the caching allocator reserved, max over ranks. Far
+    # above peak_memory_mib means fragmentation (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True).
+    peak_reserved_mib: float | None = None
 
 
 RECORD_FIELDS = StepRecord.__struct_fields__  # the fields of a record, in file order
@@ -317,6 +320,28 @@ def reset_peak_memory(device: Any) -> None:
             f.write("5")  # Linux: resets VmHWM to the current resident set
     except OSError:
         pass  # elsewhere the peak stays that of the whole process
+
+
+def peak_reserved_mib(device: Any) -> float | None:
+    """CUDA: the peak memory torch's caching allocator held from the driver, in MiB (what
+    the GPU really had to give, fragmentation included); None on other devices."""
+    import torch
+
+    device = torch.device(device)
+    return torch.cuda.max_memory_reserved(device) / 2**20 if device.type == "cuda" else None
+
+
+def fragmentation_advice(allocated_mib: float, reserved_mib: float | None, alloc_conf: str) -> str | None:
+    """A hint when the allocator reserved far more than tensors ever used (a quarter more,
+    and at least 1 GiB) and expandable segments are not on: packed micro-batches change
+    shape every time, which fragments fixed-size segments."""
+    if reserved_mib is None or "expandable_segments:true" in alloc_conf.replace(" ", "").lower():
+        return None
+    if reserved_mib <= 1.25 * allocated_mib or reserved_mib - allocated_mib < 1024:
+        return None
+    return (f"the CUDA allocator reserved {reserved_mib:,.0f} MiB at the peak for {allocated_mib:,.0f} MiB of tensors "
+            "(fragmentation: every packed micro-batch has another shape); set "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before starting to give that memory back to training")
 
 
 def peak_memory_mib(device: Any) -> float:

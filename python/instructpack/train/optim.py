@@ -12,14 +12,23 @@ from ..config import TrainingArgs
 MAX_GRAD_NORM = 1.0  # every step clips the whole model's gradient norm to this (as InstructLab does)
 
 
-def build_optimizer(model: torch.nn.Module, args: TrainingArgs) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, args: TrainingArgs, fused: bool | None = None) -> torch.optim.AdamW:
     """Weight decay applies to matrices only: decaying norm scales and biases towards zero
-    hurts and is not what decay is for (as in the HF Trainer and nanoGPT)."""
+    hurts and is not what decay is for (as in the HF Trainer and nanoGPT). `fused`: AdamW's
+    fused kernel (default: when every trained parameter is on a GPU; `implementation`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.adamw_weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate, betas=args.adamw_betas,
-                             eps=args.adamw_eps, foreach=True)
+                             eps=args.adamw_eps, **implementation(params, fused))
+
+
+def implementation(params: list[torch.Tensor], fused: bool | None = None) -> dict[str, bool]:
+    """AdamW's fused kernel (one launch per step for all parameters) when every parameter
+    is on a GPU; elsewhere (the CPU, FSDP2's CPU offload) the multi-tensor foreach one."""
+    if fused if fused is not None else params and all(p.is_cuda for p in params):
+        return {"fused": True}
+    return {"foreach": True}
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:

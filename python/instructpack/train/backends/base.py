@@ -131,7 +131,8 @@ class Backend:
 
 def _local_tensors(tree):
     """`tree` with each DTensor replaced by this rank's shard of it, copied out of any
-    larger storage (torch.save writes a view's whole storage)."""
+    larger storage (torch.save writes a view's whole storage). A GPU tensor is copied to
+    the CPU directly (the copy holds the view's elements only), never cloned on the GPU first."""
     if isinstance(tree, dict):
         return {k: _local_tensors(v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
@@ -139,6 +140,8 @@ def _local_tensors(tree):
     if isinstance(tree, torch.Tensor):
         t = tree.to_local() if isinstance(tree, DTensor) else tree
         t = t.detach()
+        if t.device.type != "cpu":
+            return t.to("cpu")
         return t.clone() if t.untyped_storage().nbytes() != t.nbytes else t
     return tree
 

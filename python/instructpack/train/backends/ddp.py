@@ -19,7 +19,8 @@ class DDPBackend(Backend):
     def __init__(self, model: torch.nn.Module, world: World, args: TrainingArgs, precision: Precision | None = None):
         precision = precision or decide_precision(args, world.device)
         device_ids = [world.device] if world.device.type == "cuda" else None
-        module = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        # The gradients are views into DDP's reduction buckets: no second copy of them.
+        module = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
         super().__init__(model, build_optimizer(model, args), world, module, precision)
 
     def sync(self, last: bool):

@@ -165,7 +165,8 @@ class DeepSpeedBackend(Backend):
         precision = precision or decide_precision(args, world.device)
         options = args.deepspeed_options
         device_type = world.device.type
-        optimizer = build_optimizer(model, args)
+        # ZeRO-Offload steps the fp32 masters on the CPU: no fused GPU kernel there.
+        optimizer = build_optimizer(model, args, fused=False if options.cpu_offload_optimizer else None)
         ds_cpu_adam = options.cpu_offload_optimizer and device_type == "cuda"
         if ds_cpu_adam:
             try:
