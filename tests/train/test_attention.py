@@ -285,3 +285,44 @@ def test_torch_varlen_attention_on_cuda_gets_the_row_in_one_call(kind, with_wind
         assert call["max"] == (max(LENGTHS), max(LENGTHS)) and call["shape"] == (sum(LENGTHS), 4, 16)
         if with_window:
             assert call["window"] == ((WINDOW - 1, 0) if kind == "mistral" else (-1, 0)) and call["gqa"]
+
+
+def test_flash_attention_2_only_where_its_kernels_load(monkeypatch, caplog):
+    """A flash_attn package that transformers rejects (FA4 alone) or whose CUDA extension
+    does not import (built for another torch) falls back to torch's varlen attention, and
+    the log says why; only a working FA2 is chosen. CUDA is given as the device here: the
+    choice itself runs nothing on it."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import transformers.utils
+
+    from instructpack.train.model import load
+
+    cuda = torch.device("cuda")
+    found = importlib.machinery.ModuleSpec("flash_attn", None)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: found if name == "flash_attn"
+                        else real_find_spec(name, *a))
+    monkeypatch.setattr(load, "_WARNED", set())
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)  # FA4 only, say
+    with caplog.at_level("WARNING"):
+        assert load.choose_attention(cuda, disable_flash_attn=False) == NAME
+    assert "flash-attn is installed but not used: transformers does not find a usable flash-attn 2" in caplog.text
+
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    monkeypatch.delitem(sys.modules, "flash_attn_2_cuda", raising=False)
+    broken = types.ModuleType("flash_attn_2_cuda")
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: (_ for _ in ()).throw(
+        ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c10") if name == "flash_attn_2_cuda" else None))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert load.choose_attention(cuda, disable_flash_attn=False) == NAME
+    assert "its CUDA kernels do not load (ImportError: flash_attn_2_cuda.so: undefined symbol" in caplog.text
+
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: broken)  # FA2 that loads
+    assert load.choose_attention(cuda, disable_flash_attn=False) == "flash_attention_2"
+    assert load.choose_attention(cuda, disable_flash_attn=True) == NAME
+    assert load.choose_attention(torch.device("cpu"), disable_flash_attn=False) == NAME

@@ -18,14 +18,48 @@ log = logging.getLogger(__name__)
 
 
 def choose_attention(device: torch.device, disable_flash_attn: bool, model_class: type | None = None) -> str:
-    """flash_attention_2 (varlen kernels, packed rows natively) on CUDA when the package is
-    installed, not disabled and supported by the model; else "sdpa_packed" (torch's own
-    varlen attention on CUDA in bf16/fp16, per-sample SDPA elsewhere), or the model's own
-    eager attention per sample where it has no SDPA (GPT-OSS; attention.py)."""
-    if device.type == "cuda" and not disable_flash_attn and importlib.util.find_spec("flash_attn") is not None \
-            and getattr(model_class, "_supports_flash_attn", True):
+    """flash_attention_2 (varlen kernels, packed rows natively) on CUDA when it works (see
+    `flash_attn_2_unusable`), is not disabled and the model supports it; else "sdpa_packed"
+    (torch's own varlen attention on CUDA in bf16/fp16, per-sample SDPA elsewhere), or the
+    model's own eager attention per sample where it has no SDPA (GPT-OSS; attention.py)."""
+    packed = attention.name_for(model_class) if model_class is not None else attention.NAME
+    if device.type != "cuda" or disable_flash_attn or not getattr(model_class, "_supports_flash_attn", True):
+        return packed
+    why = flash_attn_2_unusable()
+    if why is None:
         return "flash_attention_2"
-    return attention.name_for(model_class) if model_class is not None else attention.NAME
+    if importlib.util.find_spec("flash_attn") is not None:  # installed but not usable: say so, once per process
+        _warn_once(f"flash-attn is installed but not used: {why}; attention runs as {packed} (torch's own "
+                   "variable-length attention)")
+    return packed
+
+
+def flash_attn_2_unusable() -> str | None:
+    """Why flash_attention_2 cannot run here, or None when it can: transformers' own check
+    (the flash-attn 2 distribution, >= 2.3.3, CUDA), and its CUDA extension must import. A
+    flash-attn built for another torch fails only there (undefined symbols), and FA4 alone
+    ships a `flash_attn` package without FA2's kernels: picking it on the package alone
+    would crash every rank after the weights load."""
+    from transformers.utils import is_flash_attn_2_available
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn is not installed"
+    if not is_flash_attn_2_available():
+        return "transformers does not find a usable flash-attn 2 (FA2 >= 2.3.3 with CUDA; FA3/FA4 alone are not FA2)"
+    try:
+        importlib.import_module("flash_attn_2_cuda")  # the compiled kernels flash_attn_varlen_func calls
+    except Exception as exc:  # noqa: BLE001 - ImportError or OSError from a library built for another torch
+        return f"its CUDA kernels do not load ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    return None
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        log.warning("%s", message)
 
 
 def _model_class(config) -> type | None:
