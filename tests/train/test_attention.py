@@ -326,3 +326,48 @@ def test_flash_attention_2_only_where_its_kernels_load(monkeypatch, caplog):
     assert load.choose_attention(cuda, disable_flash_attn=False) == "flash_attention_2"
     assert load.choose_attention(cuda, disable_flash_attn=True) == NAME
     assert load.choose_attention(torch.device("cpu"), disable_flash_attn=False) == NAME
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_the_step_passes_the_collated_bounds_so_no_layer_derives_them(kind, monkeypatch):
+    """forward_loss hands the collator's cu_seqlens and max_seqlen to the attention as
+    transformers' variable-length keywords: the varlen kernel gets that very tensor and the
+    longest sample as a Python int, the per-sample path reads them without looking at the
+    position ids, and the loss is the one of the bounds found from the positions."""
+    from instructpack.data.collate import MicroBatch
+    from instructpack.train.step import forward_loss, takes_varlen
+
+    packed, ref = _models(kind)
+    assert takes_varlen(packed) and not takes_varlen(ref)
+    input_ids, position_ids, bounds = _packed_row(LENGTHS)
+    labels = torch.roll(input_ids, -1, 1)
+    labels[0, torch.tensor(bounds[1:]) - 1] = -100
+    keep = (labels[0] != -100).nonzero().squeeze(1)
+    mb = MicroBatch(input_ids=input_ids, position_ids=position_ids, shift_labels=labels,
+                    cu_seqlens=torch.tensor(bounds, dtype=torch.int32), max_seqlen=max(LENGTHS), attention_mask=None,
+                    target_positions=keep, num_samples=len(LENGTHS), num_tokens=sum(LENGTHS), num_targets=len(keep),
+                    step_targets=len(keep), epoch=0, step=0, index=0, count=1)
+    inputs = mb.model_inputs(varlen=True)
+    assert inputs["cu_seq_lens_q"] is mb.cu_seqlens and inputs["max_length_k"] == max(LENGTHS)
+    assert "cu_seq_lens_q" not in mb.model_inputs()
+    with torch.no_grad():
+        expected = forward_loss(ref, mb).summed  # transformers' sdpa, block-diagonal mask from the positions
+
+    with torch.no_grad():
+        forward_loss(packed, mb)  # the step's one-time output-layer check: forward passes of its own
+
+    def no_positions(*a):
+        raise AssertionError("the bounds were derived from the position ids")
+
+    monkeypatch.setattr(attention, "sample_bounds", no_positions)
+    with torch.no_grad():
+        per_sample = forward_loss(packed, mb).summed
+    calls = []
+    monkeypatch.setattr(attention, "_use_varlen", lambda query, dropout: True)
+    monkeypatch.setattr(attention, "varlen_attention", lambda: _fake_varlen(calls, with_window=True))
+    with torch.no_grad():
+        varlen = forward_loss(packed, mb).summed
+    torch.testing.assert_close(per_sample, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(varlen, expected, rtol=1e-5, atol=1e-4)
+    assert len(calls) == 2 and all(c["cu"] == bounds and c["max"] == (max(LENGTHS),) * 2 for c in calls)
+    assert all(type(c["max"][0]) is int for c in calls)

@@ -52,11 +52,19 @@ class MicroBatch:
     def last_in_step(self) -> bool:
         return self.index == self.count - 1
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        """Keyword arguments for a transformers causal LM forward pass (without labels)."""
+    def model_inputs(self, varlen: bool = False) -> dict:
+        """Keyword arguments for a transformers causal LM forward pass (without labels).
+        `varlen` (an attention that takes them: flash-attention, sdpa_packed): a packed row
+        also passes its sample boundaries as transformers' variable-length keywords, so no
+        layer derives them again from the position ids (a dozen host-device syncs per layer
+        in transformers' flash path): `cu_seq_lens_q/k` (int32, where the row is) and
+        `max_length_q/k` (Python ints)."""
         inputs = {"input_ids": self.input_ids, "position_ids": self.position_ids}
         if self.attention_mask is not None:
             inputs["attention_mask"] = self.attention_mask
+        elif varlen:
+            inputs.update(cu_seq_lens_q=self.cu_seqlens, cu_seq_lens_k=self.cu_seqlens,
+                          max_length_q=self.max_seqlen, max_length_k=self.max_seqlen)
         return inputs
 
     def to(self, device, non_blocking: bool = False) -> MicroBatch:

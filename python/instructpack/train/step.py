@@ -27,7 +27,7 @@ from . import chunked_loss
 from .backends import Backend
 from .chunked_loss import chunked_linear_cross_entropy, logit_finish
 from .distributed import World, all_reduce
-from .model import moe
+from .model import attention, moe
 from .model.layers import hf_model
 from .model.liger import has_fused_loss
 from .optim import MAX_GRAD_NORM
@@ -72,32 +72,45 @@ def forward_loss(model: torch.nn.Module, mb: MicroBatch, router: bool = False) -
     prompt tokens (often half of a row), and the fp32 logits, tokens x vocabulary, are the
     largest activation of a step. transformers applies the model's own final scaling or
     soft-capping to the kept positions as to any other."""
+    inputs = mb.model_inputs(varlen=takes_varlen(model))
     if has_fused_loss(hf_model(model)):  # Liger: the model's own forward computes it, without the logits
         one = torch.ones((), dtype=torch.long, device=mb.input_ids.device)
-        return ForwardLoss(model(**mb.model_inputs(), use_cache=False, labels=mb.shift_labels,
-                                 shift_labels=mb.shift_labels, num_items_in_batch=one).loss.float())
+        return ForwardLoss(model(**inputs, use_cache=False, labels=mb.shift_labels, shift_labels=mb.shift_labels,
+                                 num_items_in_batch=one).loss.float())
     keep = _target_positions(mb) if _accepts_logits_to_keep(type(hf_model(model))) else None
     extra = {"output_router_logits": True} if router else {}
+    # The one-time check runs on every rank's first micro-batch whatever its size (before the
+    # size test), so that all ranks run its forward passes together.
     if keep is not None and keep.dtype != torch.bool and _chunks_output_layer(model, mb) \
             and len(keep) * hf_model(model).get_output_embeddings().weight.shape[0] > chunked_loss.CHUNK_LOGITS:
         # The output layer's loss in chunks of tokens (chunked_loss.py): the model runs
         # without computing any logits, and its decoder's output goes to the chunked loss.
         with _decoder_output(hf_model(model)) as hidden:
-            out = model(**mb.model_inputs(), use_cache=False, logits_to_keep=keep[:0], **extra)
+            out = model(**inputs, use_cache=False, logits_to_keep=keep[:0], **extra)
         head = hf_model(model).get_output_embeddings()
         summed = chunked_linear_cross_entropy(hidden[0][0, keep], head.weight, mb.shift_labels[0, keep],
                                               bias=head.bias, finish=logit_finish(hf_model(model).config))
         return _with_router(model, summed, out, router)
     if keep is None:
-        out = model(**mb.model_inputs(), use_cache=False, **extra)
+        out = model(**inputs, use_cache=False, **extra)
         logits, labels = out.logits, mb.shift_labels
     else:
-        out = model(**mb.model_inputs(), use_cache=False, logits_to_keep=keep, **extra)
+        out = model(**inputs, use_cache=False, logits_to_keep=keep, **extra)
         logits = out.logits
         labels = mb.shift_labels[:, keep] if keep.dtype != torch.bool else mb.shift_labels[keep]
     summed = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                              ignore_index=IGNORE_INDEX, reduction="sum")
     return _with_router(model, summed, out, router)
+
+
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", attention.NAME, attention.EAGER_NAME)
+
+
+def takes_varlen(model: torch.nn.Module) -> bool:
+    """Whether `model`'s attention reads the packed row's boundaries from transformers'
+    variable-length keywords (MicroBatch.model_inputs): flash-attention and our packed
+    attentions do; anything else (a model's own code) gets the row as before."""
+    return getattr(hf_model(model).config, "_attn_implementation", None) in VARLEN_ATTENTION
 
 
 def _with_router(model: torch.nn.Module, summed: torch.Tensor, out, router: bool) -> ForwardLoss:

@@ -46,6 +46,22 @@ def sample_bounds(position_ids: torch.Tensor) -> list[int]:
     return bounds
 
 
+def row_bounds(kwargs: dict, length: int) -> list[int]:
+    """The sample bounds of a packed row as Python ints: from transformers' `cu_seq_lens_q`
+    where the step passed it (MicroBatch.model_inputs; a CPU tensor costs no sync), else
+    found from the position ids; one sample without either."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        ref, bounds = _BOUNDS
+        if ref is not None and ref() is cu:
+            return bounds
+        bounds = cu.tolist()
+        _BOUNDS[:] = [weakref.ref(cu), bounds]
+        return bounds
+    position_ids = kwargs.get("position_ids")
+    return [0, length] if position_ids is None else sample_bounds(position_ids)
+
+
 def varlen_attention():
     """torch's own variable-length (flash) attention, torch >= 2.10; None where it is absent."""
     try:
@@ -61,11 +77,13 @@ def _use_varlen(query: torch.Tensor, dropout: float) -> bool:
         and varlen_attention() is not None
 
 
-def varlen_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int],
+def varlen_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kwargs: dict,
                    scaling: float | None, window: int | None) -> torch.Tensor | None:
     """The packed row [1, heads, T, dim] through torch's varlen attention, one call for all
     samples; [1, T, heads, dim], or None where this torch cannot express the layer (a
-    sliding window before the window_size argument)."""
+    sliding window before the window_size argument). The bounds are the step's
+    `cu_seq_lens_q` and `max_length_q`, already on the device (no sync at all); without
+    them (a forward pass of its own) they are found from the position ids once per pass."""
     varlen = varlen_attention()
     params = inspect.signature(varlen).parameters
     options = {"scale": scaling}
@@ -82,9 +100,12 @@ def varlen_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             options["enable_gqa"] = True
         else:
             k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
-    cu = torch.tensor(bounds, dtype=torch.int32, device=query.device)
-    out = varlen(q, k, v, cu, cu, max(lengths), max(lengths), **options)
+    cu, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if cu is None or longest is None:
+        bounds = row_bounds(kwargs, query.shape[2])
+        cu = torch.tensor(bounds, dtype=torch.int32, device=query.device)
+        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    out = varlen(q, k, v, cu, cu, int(longest), int(longest), **options)
     return out[None]
 
 
@@ -94,14 +115,13 @@ def packed_sdpa_forward(module: torch.nn.Module, query: torch.Tensor, key: torch
     if not _takes_over(query.shape[0], query.shape[2], key.shape[2], attention_mask):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    position_ids = kwargs.get("position_ids")
-    bounds = [0, query.shape[2]] if position_ids is None else sample_bounds(position_ids)
     gqa = key.shape[1] != query.shape[1]  # grouped-query attention: fewer key/value heads
     window = kwargs.get("sliding_window")
     if _use_varlen(query, dropout):  # CUDA without flash-attn: one kernel call for the whole row
-        out = varlen_forward(query, key, value, bounds, scaling, window)
+        out = varlen_forward(query, key, value, kwargs, scaling, window)
         if out is not None:
             return out.contiguous(), None
+    bounds = row_bounds(kwargs, query.shape[2])
     parts = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         # A sliding-window layer (Mistral, some Qwen2 layers) needs a banded mask, but only
@@ -146,8 +166,9 @@ def packed_eager_forward(module: torch.nn.Module, query: torch.Tensor, key: torc
     eager = sys.modules[type(module).__module__].eager_attention_forward
     if not _takes_over(query.shape[0], query.shape[2], key.shape[2], attention_mask):
         return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    position_ids = kwargs.pop("position_ids", None)
-    bounds = [0, query.shape[2]] if position_ids is None else sample_bounds(position_ids)
+    bounds = row_bounds(kwargs, query.shape[2])
+    for name in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(name, None)  # the bounds are known; the model's eager function needs none of them
     window = kwargs.get("sliding_window")
     parts = []
     for a, b in zip(bounds[:-1], bounds[1:]):
