@@ -228,6 +228,13 @@ class TrainingArgs(ConfigModel, kw_only=True):
     """AdamW weight decay, (beta1, beta2) each in [0, 1), and epsilon."""
     random_seed: int = 42
     """Seed of every random generator (data order, dropout, initialization)."""
+    deterministic: bool = False
+    """Deterministic GPU kernels, so that a run repeats, and a resumed run continues, bit for
+    bit: torch's deterministic algorithms (a warning names any op that has none), a fixed
+    cuBLAS workspace, no cuDNN autotuning, and flash-attention's deterministic backward
+    (otherwise it accumulates with atomics, in a different order every time). Costs some
+    speed (flash-attention's backward most). CPU runs are deterministic without it. Not in
+    InstructLab."""
 
     save_samples: int = 0
     checkpoint_at_epoch: bool = True

@@ -59,6 +59,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+def make_deterministic() -> None:
+    """What TrainingArgs.deterministic asks for; before any CUDA work (cuBLAS reads its
+    workspace setting when it creates its handle)."""
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # cuBLAS' documented condition for reproducible results
+    os.environ["FLASH_ATTENTION_DETERMINISTIC"] = "1"  # read by transformers' flash-attention path at each call
+    torch.use_deterministic_algorithms(True, warn_only=True)  # torch's own kernels, varlen attention included
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def run(job: JobConfig, world: World, stop: StopRequest | None = None) -> TrainResult:
     from transformers.utils import logging as hf_logging
 
@@ -99,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         args = job.training_args
         stop = StopRequest(job.status_dir, trigger=checkpoint_trigger() if args.on_demand_checkpointing else None,
                            since=job.started_at).install(stop_signals(args))  # first: a signal may come at any time
+        if args.deterministic:
+            make_deterministic()
         world = init_distributed()
         if world.device.type == "cpu":  # what DeepSpeed would pick, without its warning that it guessed
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
