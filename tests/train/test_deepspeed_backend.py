@@ -196,6 +196,50 @@ def test_native_checkpoint_round_trip_reads_weights_only(name, one_process, tmp_
     _assert_same(fresh.gather_weights(), trained.gather_weights())
 
 
+def test_zero3_partitions_the_model_as_it_loads(one_process, tmp_path):
+    """Under ZeRO-3 load_model builds the model inside deepspeed.zero.Init: every weight is
+    a partitioned parameter as soon as it exists (no process holds the whole model), the
+    loaded values are the checkpoint's (gathered back), weight decay still goes to the
+    matrices (their ds_shape), the backend trains it, and a model loaded afterwards in the
+    same process loads whole."""
+    import torch
+    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+    from safetensors.torch import load_file
+
+    from instructpack.train.backends.deepspeed import DeepSpeedBackend, is_partitioned
+    from instructpack.train.model.load import load_model
+    from instructpack.train.optim import build_optimizer
+
+    _tiny_model(False, seed=3).save_pretrained(tmp_path / "model")
+    args = msgspec_replace(training_args(zero_stage=3), model_path=str(tmp_path / "model"),
+                           gradient_checkpointing=False)
+    model = load_model(args, one_process.device)
+    assert is_partitioned(model)
+    params = dict(model.named_parameters())
+    assert all(p.numel() == 0 and p.ds_numel > 0 for p in params.values())  # the whole tensor lives nowhere
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    with GatheredParameters(list(params.values())):
+        for name, p in params.items():
+            if name in saved:
+                assert torch.equal(p.data, saved[name]), name
+    decay, no_decay = build_optimizer(model, args).param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    # 2 layers of 7 projections and the (tied) embeddings; 2 norms per layer and the final one.
+    assert len(decay["params"]) == 2 * 7 + 1 and len(no_decay["params"]) == 2 * 2 + 1
+    assert all(len(p.ds_shape) == 2 for p in decay["params"]) and all(len(p.ds_shape) == 1 for p in no_decay["params"])
+    backend = DeepSpeedBackend(model, one_process, args, config_overrides=OVERRIDES)
+    _train(backend, seeds=(1,))
+    after = backend.gather_weights()
+    assert any(not torch.equal(after[k], v) for k, v in saved.items() if k in after)  # it trained
+    whole = load_model(msgspec_replace(args, distributed_backend="ddp"), one_process.device)
+    assert not is_partitioned(whole)
+
+
+def msgspec_replace(args, **changes):
+    import msgspec
+    return msgspec.structs.replace(args, **changes)
+
+
 class _Payload:
     """Unpickling it runs code: it appends to `marker` (exec of a line of Python)."""
 

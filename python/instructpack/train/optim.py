@@ -17,8 +17,10 @@ def build_optimizer(model: torch.nn.Module, args: TrainingArgs, fused: bool | No
     hurts and is not what decay is for (as in the HF Trainer and nanoGPT). `fused`: AdamW's
     fused kernel (default: when every trained parameter is on a GPU; `implementation`)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": args.adamw_weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    # A ZeRO-3 partitioned parameter holds an empty tensor; ds_shape is the weight's shape.
+    matrix = [len(getattr(p, "ds_shape", p.shape)) >= 2 for p in params]
+    groups = [{"params": [p for p, m in zip(params, matrix) if m], "weight_decay": args.adamw_weight_decay},
+              {"params": [p for p, m in zip(params, matrix) if not m], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate, betas=args.adamw_betas,
                              eps=args.adamw_eps, **implementation(params, fused))
 

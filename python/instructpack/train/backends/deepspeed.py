@@ -149,6 +149,38 @@ def import_deepspeed():
     return deepspeed
 
 
+@contextlib.contextmanager
+def partitioned_at_load(args: TrainingArgs, device: torch.device, precision: Precision) -> Iterator[None]:
+    """ZeRO-3: a model built inside the block (transformers' `from_pretrained` or
+    `from_config`) is partitioned as it is created (`deepspeed.zero.Init`, which transformers
+    enters while an HfDeepSpeedConfig of stage 3 is alive), each weight loaded through a
+    gather and re-partitioned: no process ever holds the whole model, in host memory or on
+    its GPU, so ZeRO-3 trains models larger than one GPU. `deepspeed.initialize` later takes
+    the partitioned parameters as they are (and partitions any made after the block, such
+    as LoRA adapters). The setting is withdrawn at the end of the block: a model loaded
+    later in the process (merging LoRA for export) loads whole."""
+    import_deepspeed()
+    import torch.distributed as dist
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    if not dist.is_initialized():
+        ensure_process_group(World(0, 0, 1, device))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # zero.Init places each partition on the current device
+    # Only the partitioning and dtype settings matter here; accumulation is known later.
+    config = HfDeepSpeedConfig(deepspeed_config(args, device.type, precision=precision))
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del config
+
+
+def is_partitioned(model: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 partitioned `model`'s parameters (`partitioned_at_load`)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 class DeepSpeedBackend(Backend):
     """DeepSpeed ZeRO stage 2 (optimizer state and gradients sharded) or 3 (parameters too).
 

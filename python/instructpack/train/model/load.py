@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from pathlib import Path
@@ -62,6 +63,12 @@ def _warn_once(message: str) -> None:
         log.warning("%s", message)
 
 
+def _partitioned_at_load(args: TrainingArgs, device: torch.device, precision: Precision):
+    from ..backends.deepspeed import partitioned_at_load  # imports DeepSpeed: only when asked
+
+    return partitioned_at_load(args, device, precision)
+
+
 def _model_class(config) -> type | None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -91,34 +98,41 @@ def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None 
     impl = choose_attention(device, args.disable_flash_attn, _model_class(config))
     quantization = lora.quantization_config(args.lora, precision.compute)
     placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
-    if weights:
-        model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=precision.weights,
-                                                     attn_implementation=impl, use_safetensors=True,
-                                                     trust_remote_code=args.trust_remote_code, **placement)
-    else:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=precision.weights, attn_implementation=impl,
-                                                     trust_remote_code=args.trust_remote_code)
-    model.config.use_cache = False
-    embeddings = model.get_input_embeddings().num_embeddings
-    if vocab_size is not None and vocab_size > embeddings:
-        log.warning("the tokenizer has %d tokens and the model's embeddings %d rows: growing the embeddings "
-                    "(to a multiple of 8)", vocab_size, embeddings)
-        # On the meta device there are no rows to average: rank 0's resized rows arrive later.
-        model.resize_token_embeddings(vocab_size, pad_to_multiple_of=8, mean_resizing=weights)
+    # ZeRO-3 partitions the model while it loads (backends/deepspeed.py); a 4-bit base cannot be.
+    zero3 = args.distributed_backend == DistributedBackend.DEEPSPEED and args.deepspeed_options.zero_stage == 3 \
+        and weights and not quantization
+    with _partitioned_at_load(args, device, precision) if zero3 else contextlib.nullcontext():
+        if weights:
+            model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=precision.weights,
+                                                         attn_implementation=impl, use_safetensors=True,
+                                                         trust_remote_code=args.trust_remote_code, **placement)
+        else:
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, dtype=precision.weights, attn_implementation=impl,
+                                                         trust_remote_code=args.trust_remote_code)
+        model.config.use_cache = False
+        embeddings = model.get_input_embeddings().num_embeddings
+        if vocab_size is not None and vocab_size > embeddings:
+            log.warning("the tokenizer has %d tokens and the model's embeddings %d rows: growing the embeddings "
+                        "(to a multiple of 8)", vocab_size, embeddings)
+            # On the meta device there are no rows to average: rank 0's resized rows arrive later.
+            # Under ZeRO-3 transformers gathers the partitioned rows to resize them.
+            model.resize_token_embeddings(vocab_size, pad_to_multiple_of=8, mean_resizing=weights)
     moe.freeze_routers(model, args.freeze_router)
     if args.use_liger:
         liger.apply_liger(model)
     if args.gradient_checkpointing and args.lora is None:  # apply_lora turns it on after preparing the model
         enable_activation_checkpointing(model)
-    log.info("model %s: %.1fM parameters, %s, attention %s, gradient checkpointing %s", args.model_path,
-             sum(p.numel() for p in model.parameters()) / 1e6, precision.weights, impl,
+    log.info("model %s: %.1fM parameters%s, %s, attention %s, gradient checkpointing %s", args.model_path,
+             sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6,
+             ", partitioned by ZeRO-3 as it loaded" if zero3 else "", precision.weights, impl,
              "on" if args.gradient_checkpointing else "off")
     if args.lora is not None:
         model = lora.apply_lora(model, args.lora, gradient_checkpointing=args.gradient_checkpointing)
-    # A quantized model is already placed (and refuses .to()). FSDP2 places the model
-    # itself after sharding, so a GPU only ever receives this process's shards.
-    if not quantization and args.distributed_backend != DistributedBackend.FSDP:
+    # A quantized model is already placed (and refuses .to()); a ZeRO-3 one too, partitioned.
+    # FSDP2 places the model itself after sharding, so a GPU only ever receives this
+    # process's shards.
+    if not quantization and not zero3 and args.distributed_backend != DistributedBackend.FSDP:
         model = model.to(device)
     return model.train()
 
