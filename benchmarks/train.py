@@ -52,20 +52,26 @@ layer, full attention over T tokens costs about T / (6 x hidden) of the matmuls,
 Noise: this machine is shared. While other processes run, wall times grow up to 3x, unevenly
 between variants (the spread column shows it), and even the ratios move: compare idle runs.
 
-CUDA (written, not run here): bf16, TinyLlama-1.1B's shape (22 layers, hidden 2,048,
+Every variant trains as the library does in one process: run_step over a Backend with the
+run's precision (train/precision.py) and the library's AdamW (build_optimizer).
+
+CUDA (written, not run here): fp32 master weights under bf16 autocast, fused AdamW,
+TinyLlama-1.1B's shape (22 layers, hidden 2,048,
 intermediate 5,632, 32 query and 4 key/value heads, vocabulary 32,000), gradient checkpointing
 on (without it (b), whose padded micro-batches can hold 100,000+ positions, needs well over
 100 GB), ebs 128, max_batch_len 16,384, 2 steps per run, 3 runs, a whole warm-up step; a
 variant that runs out of memory is reported as such. Also MFU = model FLOPs / time /
 --peak-tflops (default 989, H100/H200 SXM dense bf16). Model FLOPs as in PaLM (appendix B):
-6 x (parameters - input embedding) x real tokens + 12 x layers x hidden x sum(l_i^2), no
+6 x (parameters - input embedding - output layer) x real tokens + 6 x output layer x
+trained tokens (logits are computed only there) + 12 x layers x hidden x sum(l_i^2), no
 halving for the causal mask, padding and recomputation not counted: the same useful work for
-all three variants.
+all three variants. A variant that runs out of memory frees what it held before the next one.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import time
 from dataclasses import dataclass, replace
@@ -213,53 +219,65 @@ def run(ns: argparse.Namespace) -> int:
         return backends.run(ns)
     import torch
 
+    from instructpack.config import TrainingArgs
     from instructpack.data.loader import Step
     from instructpack.train.backends import Backend
+    from instructpack.train.distributed import World
     from instructpack.train.model.load import choose_attention
-    from instructpack.train.precision import compute_dtype
+    from instructpack.train.optim import build_optimizer
+    from instructpack.train.precision import decide_precision
     from instructpack.train.step import run_step
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     setup = (GPU_QUICK if ns.quick else GPU) if cuda else (CPU_QUICK if ns.quick else CPU)
-    dtype = compute_dtype(device)
     attn = ns.attn or choose_attention(device, disable_flash_attn=False)
+    # What the library runs for one process: fp32 master weights with bf16 autocast on CUDA
+    # (train/precision.py), its AdamW (fused on CUDA, weight decay on matrices only).
+    args = TrainingArgs(model_path="-", data_path="-", ckpt_output_dir="-", data_output_dir="-",
+                        max_seq_len=setup.max_batch_len, max_batch_len=setup.max_batch_len,
+                        effective_batch_size=setup.effective_batch_size, learning_rate=1e-5,
+                        distributed_backend="ddp")
+    precision = decide_precision(args, device)
+    world = World(0, 0, 1, device)
 
     ds = dataset(setup.effective_batch_size * setup.steps, setup.vocab, setup.max_batch_len)
     variants = plan_variants(ds, setup)
     stats = {name: shape_stats(steps) for name, steps in variants.items()}
-    model = build_model(setup, attn, device, dtype)
+    model = build_model(setup, attn, device, precision.weights)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     params = sum(p.numel() for p in model.parameters())
-    # Model FLOPs (PaLM, appendix B; Megatron-LM): 6 x matmul parameters per token (the input
-    # embedding is a lookup, not a matmul) plus 12 x layers x hidden x l^2 per sample for the
-    # attention scores and their use, forward and backward, without halving for the causal mask.
-    # Real tokens only, the same for all three variants; recomputation is not counted.
-    matmul_params = params - model.get_input_embeddings().weight.numel()
     a = stats["packed"]
-    flops = 6 * matmul_params * a["tokens"] + 12 * setup.layers * setup.hidden * a["sample_sq"]
+    flops = model_flops(model, setup, a["tokens"], a["targets"], a["sample_sq"])
 
     def reset() -> torch.optim.Optimizer:
         """The same initial weights and a fresh AdamW for every run: identical work."""
         model.load_state_dict(initial)
         model.zero_grad(set_to_none=True)
-        return torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0, foreach=True)
+        return build_optimizer(model, args)
 
     def train(steps: list) -> tuple[float, float]:
         """Seconds of wall time through run_step over `steps`, and the first step's mean loss."""
-        optimizer = reset()
+        backend = Backend(model, reset(), world, precision=precision)
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        results = [run_step(Backend(model, optimizer), step, None, device=device) for step in steps]  # .item() syncs
+        results = [run_step(backend, step, None, device=device) for step in steps]  # .item() syncs
         seconds = time.perf_counter() - start
         return seconds, results[0].loss_sum / max(results[0].targets, 1)
 
-    def out_of_memory(name: str, error: Exception) -> None:
-        """(b) can outgrow a GPU: report it and measure the others."""
-        failed[name] = f"out of memory ({str(error).splitlines()[0][:80]})"
+    def attempt(name: str, steps: list) -> tuple[float, float] | None:
+        """train(steps), or None when (b) outgrows the GPU: reported, and the others measured."""
+        try:
+            return train(steps)
+        except torch.OutOfMemoryError as error:
+            failed[name] = f"out of memory ({str(error).splitlines()[0][:80]})"
+        # Out of the except block the error and its frames (activations, the optimizer and its
+        # state) are gone: only now can their memory go back.
         model.zero_grad(set_to_none=True)
+        gc.collect()
         torch.cuda.empty_cache()
+        return None
 
     names = ("packed", "same", "aware")
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -268,21 +286,17 @@ def run(ns: argparse.Namespace) -> int:
         step = variants[name][0]
         if setup.warmup_micro_batches:
             step = Step(step.epoch, step.step, step.micro_batches[:setup.warmup_micro_batches])
-        try:
-            train([step])
-        except torch.OutOfMemoryError as e:
-            out_of_memory(name, e)
+        attempt(name, [step])
     for _ in range(setup.repeats):
         for name in names:
             if name in failed:
                 continue
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            try:
-                seconds, loss = train(variants[name])
-            except torch.OutOfMemoryError as e:
-                out_of_memory(name, e)
+            measured = attempt(name, variants[name])
+            if measured is None:
                 continue
+            seconds, loss = measured
             times[name].append(seconds)
             losses.setdefault(name, loss)
             if cuda:
@@ -303,6 +317,19 @@ def run(ns: argparse.Namespace) -> int:
     ok = ratio.get("same", 0) >= TARGET_RATIO
     print(f"target: packed >= {TARGET_RATIO}x padded rows of the same micro-batches (b): {'met' if ok else 'MISSED'}")
     return 0 if ok else 1
+
+
+def model_flops(model, setup: Setup, tokens: int, targets: int, sample_sq: int) -> float:
+    """Model FLOPs of one pass over the data, forward and backward (PaLM, appendix B;
+    Megatron-LM): 6 x matmul parameters per token, where the input embedding is a lookup
+    (no matmul) and the output layer runs only at the positions with a target (the step
+    computes logits there alone), plus 12 x layers x hidden x l^2 per sample for the
+    attention scores and their use, without halving for the causal mask. Real tokens only,
+    the same for every variant; recomputation is not counted."""
+    params = sum(p.numel() for p in model.parameters())
+    output = model.get_output_embeddings().weight.numel()
+    body = params - model.get_input_embeddings().weight.numel() - output
+    return 6 * body * tokens + 6 * output * targets + 12 * setup.layers * setup.hidden * sample_sq
 
 
 LABELS = {"packed": "(a) packed rows, packed plan", "same": "(b) padded, (a)'s micro-batches",
@@ -349,7 +376,8 @@ def report(setup: Setup, attn: str, lens: np.ndarray, params: int, flops: float,
     print("targets/s and s/step: medians of the runs; spread: (slowest - fastest) / median; positions: padding "
           "included;\nattn: attention scores computed / sum of l^2 (padded rows and full-row masks compute every "
           "entry);\nloss 1st: mean loss of the first step, the same for all when the math is; model FLOPs: "
-          "6 x matmul parameters x tokens\n+ 12 x layers x hidden x sum of l^2, real tokens only"
+          "6 x matmul parameters x tokens\n(the output layer's at targets only) + 12 x layers x hidden x "
+          "sum of l^2, real tokens only"
           + (f"; MFU against {peak_tflops:g} TFLOP/s\n" if cuda else "\n"))
 
 
