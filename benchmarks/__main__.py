@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import load, loss, pack, preprocess, resume, train
+from . import gpu, load, loss, pack, preprocess, resume, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     loss.add_parser(sub)
     train.add_parser(sub)
     resume.add_parser(sub)
+    gpu.add_parser(sub)
     ns = parser.parse_args(argv)
     return ns.run(ns)
 
