@@ -5,8 +5,10 @@ training run); anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
+import signal
 import sys
 
 
@@ -61,6 +63,10 @@ def _console_command(run):
         try:
             code = run(argv)
             sys.stdout.flush()  # a closed pipe shows here, while it can still be handled
+            # The work is done: a Ctrl-C now has nothing to stop, and landing in the
+            # interpreter's exit it would print "Exception ignored" from whatever is being freed.
+            with contextlib.suppress(ValueError):  # not the main thread: nothing to change
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
             return code
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -368,25 +368,36 @@ def test_the_command_line_ends_quietly_on_a_closed_pipe(tmp_path, tokenizer_dirs
 
 
 def test_the_command_line_ends_quietly_on_ctrl_c(tmp_path, tokenizer_dirs):
+    """Ctrl-C while shards are written: exit 130, one word, nothing left behind. On a busy
+    machine the signal can land only after the dataset is complete; that run must end
+    quietly too (exit 0, a whole dataset), and the interruption is tried again."""
     import signal
     import time
 
     from instructpack.demo.example import generate_conversations, write_jsonl
 
     data = write_jsonl(tmp_path / "in.jsonl", generate_conversations(40_000, seed=0))
-    proc = subprocess.Popen([sys.executable, "-m", "instructpack.cli", "preprocess", "--data-path", str(data),
-                             "--data-output-path", str(tmp_path / "out"), "--model-path", str(tokenizer_dirs["chatml"]),
-                             "--max-seq-len", "4096", "--num-cpu-procs", "2", "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while not list((tmp_path / "out").glob(".instructpack-writing-*")) and time.monotonic() < deadline:
-        time.sleep(0.05)  # until it is writing shards
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err.decode()[-2000:]
-    assert b"Traceback" not in err and err.decode().strip().endswith("interrupted")
-    left = sorted(p.name for p in (tmp_path / "out").iterdir()) if (tmp_path / "out").exists() else []
-    assert not left  # what it had written is gone with it
+    for attempt in range(3):
+        out_dir = tmp_path / f"out-{attempt}"
+        proc = subprocess.Popen([sys.executable, "-m", "instructpack.cli", "preprocess", "--data-path", str(data),
+                                 "--data-output-path", str(out_dir), "--model-path", str(tokenizer_dirs["chatml"]),
+                                 "--max-seq-len", "4096", "--num-cpu-procs", "2", "--no-progress"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not list(out_dir.glob(".instructpack-writing-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)  # until it is writing shards
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        if proc.returncode == 0:  # finished before the signal landed
+            assert (out_dir / "manifest.json").is_file(), err.decode()[-2000:]
+            assert b"Traceback" not in err and b"Exception ignored" not in err, err.decode()[-2000:]
+            continue
+        assert proc.returncode == 130, err.decode()[-2000:]
+        assert b"Traceback" not in err and err.decode().strip().endswith("interrupted")
+        left = sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
+        assert not left  # what it had written is gone with it
+        return
+    pytest.fail("three preprocessings all finished before Ctrl-C reached them")
 
 
 def test_two_preprocessings_into_one_directory_run_one_after_the_other(tmp_path, tokenizer_dirs):

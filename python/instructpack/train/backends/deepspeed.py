@@ -169,11 +169,17 @@ def partitioned_at_load(args: TrainingArgs, device: torch.device, precision: Pre
         torch.cuda.set_device(device)  # zero.Init places each partition on the current device
     # Only the partitioning and dtype settings matter here; accumulation is known later.
     config = HfDeepSpeedConfig(deepspeed_config(args, device.type, precision=precision))
+    linear = torch.nn.functional.linear
     try:
         yield
     finally:
         unset_hf_deepspeed_config()
         del config
+        # zero.Init also swaps torch's F.linear for its own autograd function, for good
+        # ("This will persist unless manually reset"): every later linear layer of the
+        # process, ZeRO-3 or not, would run through it. The training step is the one every
+        # backend runs, so torch's own comes back.
+        torch.nn.functional.linear = linear
 
 
 def is_partitioned(model: torch.nn.Module) -> bool:
