@@ -196,6 +196,7 @@ def check_packed_logits(ctx: Context):
     try:
         with torch.no_grad():
             packed = model(**mb.model_inputs(varlen=takes_varlen(model)), use_cache=False).logits[0].float()
+            packed_calls = len(calls)
             alone = torch.cat([model(**s.model_inputs(varlen=True), use_cache=False).logits[0].float()
                                for s in _samples(mb)])
             exact = torch.cat([reference(**s.model_inputs(varlen=True), use_cache=False).logits[0]
@@ -204,7 +205,8 @@ def check_packed_logits(ctx: Context):
         attention.varlen_forward = real
     err_packed, err_alone = (float((x - exact).abs().max()) for x in (packed, alone))
     tol = max(2 * err_alone, ctx.sizes.bf16_floor * float(exact.abs().max()))
-    kernel = f"{attn}" + (f", torch varlen kernel ({len(calls) // 2} calls per forward)" if calls else "")
+    kernel = f"{attn}" + (f", torch varlen kernel ({packed_calls} calls for the packed row's "
+                          f"{model.config.num_hidden_layers} layers)" if packed_calls else "")
     return err_packed <= tol, (f"{dtype}, attention {kernel}; max |packed - fp32| {err_packed:.3g}, "
                                f"|alone - fp32| {err_alone:.3g} (tolerance {tol:.3g})")
 
