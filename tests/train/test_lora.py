@@ -400,12 +400,15 @@ def saved_fp32_activations(model, ids, autocast: bool) -> int:
     return len(saved)
 
 
-def test_bf16_lora_under_autocast_saves_no_fp32_copies_of_the_adapted_inputs(models):
+def test_bf16_lora_under_autocast_saves_no_fp32_copies_of_the_adapted_inputs(models, monkeypatch):
     """The run's precision on a GPU (bf16 base, fp32 adapters, autocast: train/precision.py),
     here on the CPU in bf16. peft casts each adapted input to its adapter's fp32; without
     autocast that fp32 copy is what the adapter's matmul saves for the backward, one per
     adapted projection (7 per layer). Under autocast the matmul runs in bf16 and saves bf16.
     (The norms save fp32 in both: they compute in fp32 on purpose.)"""
+    # torch's own linear: a DeepSpeed ZeRO-3 engine built earlier in this process (another
+    # test) leaves its own autograd function in F.linear for good.
+    monkeypatch.setattr(torch.nn.functional, "linear", torch._C._nn.linear)
     model = lora.apply_lora(load(models["qwen3"], dtype=torch.bfloat16), OPTIONS, gradient_checkpointing=False)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     ids = torch.randint(5, 600, (1, 96), generator=torch.Generator().manual_seed(0))

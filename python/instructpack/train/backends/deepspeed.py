@@ -176,9 +176,8 @@ def partitioned_at_load(args: TrainingArgs, device: torch.device, precision: Pre
         unset_hf_deepspeed_config()
         del config
         # zero.Init also swaps torch's F.linear for its own autograd function, for good
-        # ("This will persist unless manually reset"): every later linear layer of the
-        # process, ZeRO-3 or not, would run through it. The training step is the one every
-        # backend runs, so torch's own comes back.
+        # ("This will persist unless manually reset"). The load leaves nothing behind: the
+        # ZeRO-3 engine installs it again itself when `deepspeed.initialize` builds it.
         torch.nn.functional.linear = linear
 
 
