@@ -81,7 +81,7 @@ def sizes(dry: bool) -> Sizes:
         small = replace(small, hidden=64, intermediate=128, vocab=2000, longest=128, max_batch_len=256)
         big = replace(train.CPU_QUICK, layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=2000,
                       effective_batch_size=8, max_batch_len=512, repeats=1)
-        return Sizes(small, big, (13, 5, 1, 8, 20), 256, 1e-5)
+        return Sizes(small, big, (13, 5, 1, 8, 20), 512, 1e-5)
     return Sizes(small, replace(train.GPU_QUICK, repeats=2), (700, 33, 1, 250, 1500, 64), 8192, 1e-3)
 
 
@@ -381,23 +381,27 @@ def check_resume(ctx: Context):
 
 # ------------------------------------------------------------------ throughput
 
-def matmul_tflops(device, side: int) -> float:
-    """The bf16 (CPU: fp32) matmul rate of this device, measured on random square matrices."""
+def matmul_tflops(device, side: int, seconds: float = 1.0) -> float:
+    """The bf16 (CPU: fp32) matmul rate of this device on random square matrices: the best
+    of five timings of as many products as fill `seconds` / 5 each."""
     import torch
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = (torch.randn(side, side, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    reps = 20 if device.type == "cuda" else 3
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * side**3 * reps / (time.perf_counter() - start) / 1e12
+
+    def timed(reps: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    timed(3)  # warm-up: kernels chosen, clocks up
+    reps = max(1, int(seconds / 5 / max(timed(3) / 3, 1e-9)))
+    return 2 * side**3 * reps / min(timed(reps) for _ in range(5)) / 1e12
 
 
 def check_throughput(ctx: Context):
