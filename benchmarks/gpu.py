@@ -251,7 +251,7 @@ def check_packed_grads(ctx: Context):
 
 # ------------------------------------------------------------------ run_training
 
-def _run(ctx: Context, name: str, *, nproc: int = 1, callbacks=None, env: dict | None = None, **settings) -> list:
+def _run(ctx: Context, name: str, *, nproc: int = 1, callbacks=None, **settings) -> list:
     """One run_training into HERE/run-<name> (fresh unless resuming), quiet; its metrics."""
     from instructpack import TorchrunArgs, TrainingArgs, run_training
     from instructpack.train.metrics import read_metrics
@@ -264,17 +264,8 @@ def _run(ctx: Context, name: str, *, nproc: int = 1, callbacks=None, env: dict |
                 distributed_backend="ddp", gradient_checkpointing=False, deterministic=True, log_level="WARNING",
                 fsdp_options={"sharding_strategy": "FULL_SHARD"})
     args.update(settings)
-    saved = {k: os.environ.get(k) for k in (env or {})}
-    os.environ.update(env or {})
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):  # the workers' log goes to out/training.log
-            run_training(TorchrunArgs(nproc_per_node=nproc), TrainingArgs(**args, callbacks=callbacks))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with contextlib.redirect_stdout(io.StringIO()):  # the workers' log goes to out/training.log
+        run_training(TorchrunArgs(nproc_per_node=nproc), TrainingArgs(**args, callbacks=callbacks))
     return read_metrics(out)
 
 

@@ -170,11 +170,12 @@ def train(args: TrainingArgs, world: World, model: torch.nn.Module, tokenizer, d
                 step_result = run_step(backend, step, scheduler, device=world.device, hooks=hooks, world=world)
                 record = step_record(step, step_result, world, progress.step + 1, progress.samples, start)
                 _after_step(hooks.context, record)
-                advice = fragmentation_advice(record.peak_memory_mib, record.peak_reserved_mib,
-                                              os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
-                if advice is not None and world.is_main and not advised:
-                    log.warning("%s", advice)
-                    advised = True
+                if world.is_main and not advised:
+                    advice = fragmentation_advice(record.peak_memory_mib, record.peak_reserved_mib,
+                                                  os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
+                    if advice is not None:
+                        log.warning("%s", advice)
+                        advised = True
                 hooks.fire("on_log")
                 progress = Progress(step=record.step, samples=record.total_samples,
                                     tokens=progress.tokens + record.tokens, elapsed_s=record.elapsed_s)

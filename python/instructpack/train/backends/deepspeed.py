@@ -160,11 +160,9 @@ def partitioned_at_load(args: TrainingArgs, device: torch.device, precision: Pre
     as LoRA adapters). The setting is withdrawn at the end of the block: a model loaded
     later in the process (merging LoRA for export) loads whole."""
     import_deepspeed()
-    import torch.distributed as dist
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
-    if not dist.is_initialized():
-        ensure_process_group(World(0, 0, 1, device))
+    ensure_process_group(World(0, 0, 1, device))  # the torchrun group where there is one
     if device.type == "cuda":
         torch.cuda.set_device(device)  # zero.Init places each partition on the current device
     # Only the partitioning and dtype settings matter here; accumulation is known later.
@@ -179,11 +177,6 @@ def partitioned_at_load(args: TrainingArgs, device: torch.device, precision: Pre
         # ("This will persist unless manually reset"). The load leaves nothing behind: the
         # ZeRO-3 engine installs it again itself when `deepspeed.initialize` builds it.
         torch.nn.functional.linear = linear
-
-
-def is_partitioned(model: torch.nn.Module) -> bool:
-    """Whether ZeRO-3 partitioned `model`'s parameters (`partitioned_at_load`)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
 
 
 class DeepSpeedBackend(Backend):

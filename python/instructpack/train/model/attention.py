@@ -28,22 +28,29 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 NAME = "sdpa_packed"
 
 
-_BOUNDS: list = [None, None]  # (weak reference to the last position ids, their bounds)
+_BOUNDS: list = [None, None]  # (weak reference to the tensor they came from, the bounds)
+
+
+def _once_per_pass(source: torch.Tensor, find) -> list[int]:
+    """`find(source)`, found once per forward pass (one host-device sync), not once per
+    layer: every layer gets the same tensor, recognised by identity while it lives."""
+    ref, bounds = _BOUNDS
+    if ref is not None and ref() is source:
+        return bounds
+    bounds = find(source)
+    _BOUNDS[:] = [weakref.ref(source), bounds]
+    return bounds
 
 
 def sample_bounds(position_ids: torch.Tensor) -> list[int]:
-    """Start offsets of the samples in a [1, T] packed row, plus T: positions restart at 0.
-    Found once per forward pass (one host-device sync), not once per layer: every layer
-    gets the same position-ids tensor, recognised by identity while it lives."""
-    ref, bounds = _BOUNDS
-    if ref is not None and ref() is position_ids:
-        return bounds
-    starts = torch.nonzero(position_ids[0] == 0).flatten().tolist()
-    if not starts or starts[0] != 0:
-        starts = [0, *starts]
-    bounds = [*starts, position_ids.shape[1]]
-    _BOUNDS[:] = [weakref.ref(position_ids), bounds]
-    return bounds
+    """Start offsets of the samples in a [1, T] packed row, plus T: positions restart at 0."""
+    def find(positions: torch.Tensor) -> list[int]:
+        starts = torch.nonzero(positions[0] == 0).flatten().tolist()
+        if not starts or starts[0] != 0:
+            starts = [0, *starts]
+        return [*starts, positions.shape[1]]
+
+    return _once_per_pass(position_ids, find)
 
 
 def row_bounds(kwargs: dict, length: int) -> list[int]:
@@ -52,12 +59,7 @@ def row_bounds(kwargs: dict, length: int) -> list[int]:
     found from the position ids; one sample without either."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
-        ref, bounds = _BOUNDS
-        if ref is not None and ref() is cu:
-            return bounds
-        bounds = cu.tolist()
-        _BOUNDS[:] = [weakref.ref(cu), bounds]
-        return bounds
+        return _once_per_pass(cu, torch.Tensor.tolist)
     position_ids = kwargs.get("position_ids")
     return [0, length] if position_ids is None else sample_bounds(position_ids)
 

@@ -29,10 +29,13 @@ def choose_attention(device: torch.device, disable_flash_attn: bool, model_class
     why = flash_attn_2_unusable()
     if why is None:
         return "flash_attention_2"
-    if importlib.util.find_spec("flash_attn") is not None:  # installed but not usable: say so, once per process
+    if why != NOT_INSTALLED:  # installed but not usable: say so, once per process
         _warn_once(f"flash-attn is installed but not used: {why}; attention runs as {packed} (torch's own "
                    "variable-length attention)")
     return packed
+
+
+NOT_INSTALLED = "flash-attn is not installed"
 
 
 def flash_attn_2_unusable() -> str | None:
@@ -44,7 +47,7 @@ def flash_attn_2_unusable() -> str | None:
     from transformers.utils import is_flash_attn_2_available
 
     if importlib.util.find_spec("flash_attn") is None:
-        return "flash-attn is not installed"
+        return NOT_INSTALLED
     if not is_flash_attn_2_available():
         return "transformers does not find a usable flash-attn 2 (FA2 >= 2.3.3 with CUDA; FA3/FA4 alone are not FA2)"
     try:
@@ -61,12 +64,6 @@ def _warn_once(message: str) -> None:
     if message not in _WARNED:
         _WARNED.add(message)
         log.warning("%s", message)
-
-
-def _partitioned_at_load(args: TrainingArgs, device: torch.device, precision: Precision):
-    from ..backends.deepspeed import partitioned_at_load  # imports DeepSpeed: only when asked
-
-    return partitioned_at_load(args, device, precision)
 
 
 def _model_class(config) -> type | None:
@@ -101,7 +98,12 @@ def load_model(args: TrainingArgs, device: torch.device, vocab_size: int | None 
     # ZeRO-3 partitions the model while it loads (backends/deepspeed.py); a 4-bit base cannot be.
     zero3 = args.distributed_backend == DistributedBackend.DEEPSPEED and args.deepspeed_options.zero_stage == 3 \
         and weights and not quantization
-    with _partitioned_at_load(args, device, precision) if zero3 else contextlib.nullcontext():
+    loading = contextlib.nullcontext()
+    if zero3:
+        from ..backends.deepspeed import partitioned_at_load  # imports DeepSpeed: only when asked
+
+        loading = partitioned_at_load(args, device, precision)
+    with loading:
         if weights:
             model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=precision.weights,
                                                          attn_implementation=impl, use_safetensors=True,
