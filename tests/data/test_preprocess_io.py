@@ -367,6 +367,21 @@ def test_the_command_line_ends_quietly_on_a_closed_pipe(tmp_path, tokenizer_dirs
     assert proc.returncode == 141 and b"Traceback" not in err and b"BrokenPipe" not in err
 
 
+def test_the_command_line_ignores_a_ctrl_c_once_its_work_is_done(tmp_path, tokenizer_dirs):
+    """After the dataset is complete, a Ctrl-C has nothing left to stop: the command ignores
+    it rather than printing "Exception ignored" from the interpreter's exit."""
+    data = _write_lines(tmp_path / "in.jsonl", [json.dumps(GOOD).encode()] * 10)
+    code = ("import signal, sys; from instructpack.cli import preprocess_main\n"
+            "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler\n"
+            "code = preprocess_main(sys.argv[1:])\n"
+            "print('IGNORED' if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else 'HANDLED', code)")
+    out = subprocess.run([sys.executable, "-c", code, "--data-path", str(data), "--data-output-path",
+                          str(tmp_path / "out"), "--model-path", str(tokenizer_dirs["chatml"]), "--max-seq-len",
+                          "512", "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "IGNORED 0", out.stdout + out.stderr
+    assert (tmp_path / "out" / "manifest.json").is_file()
+
+
 def test_the_command_line_ends_quietly_on_ctrl_c(tmp_path, tokenizer_dirs):
     """Ctrl-C while shards are written: exit 130, one word, nothing left behind. On a busy
     machine the signal can land only after the dataset is complete; that run must end

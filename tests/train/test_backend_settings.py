@@ -118,3 +118,32 @@ def test_model_on_the_meta_device_for_ranks_that_receive_their_shards(tmp_path, 
     assert [(n, p.shape, p.requires_grad) for n, p in meta.named_parameters()] == \
         [(n, p.shape, p.requires_grad) for n, p in real.named_parameters()]
     assert meta.get_input_embeddings().num_embeddings == rows + 8  # grown to a multiple of 8
+
+
+def test_ddp_gradients_are_views_into_its_buckets_and_the_step_is_the_plain_one():
+    """DDP with gradient_as_bucket_view: each gradient lives in DDP's reduction bucket (no
+    second copy), and the step equals the plain model's."""
+    from instructpack.train.backends import DDPBackend
+    from instructpack.train.distributed import ensure_process_group
+
+    step = packed_step([5, 9, 3], micro_batches=2)
+    plain = tiny_model()
+    expected = run_step(Backend(plain, build_optimizer(plain, args())), step, None, device=CPU,
+                        max_grad_norm=math.inf)
+    world = World(0, 0, 1, CPU)
+    ensure_process_group(world)
+    try:
+        model = tiny_model()
+        backend = DDPBackend(model, world, args())
+        assert backend.module.gradient_as_bucket_view
+        with backend.sync(last=True):
+            backend.backward(backend.module(input_ids=step.micro_batches[0].input_ids, use_cache=False)
+                             .logits.float().sum())
+        storages = {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
+        assert len(storages) < sum(1 for _ in model.parameters())  # gradients share bucket storage
+        backend.optimizer.zero_grad(set_to_none=True)
+        got = run_step(backend, step, None, device=CPU, max_grad_norm=math.inf)
+        assert got.loss_sum == pytest.approx(expected.loss_sum, rel=1e-6)
+        assert got.grad_norm == pytest.approx(expected.grad_norm, rel=1e-5)
+    finally:
+        dist.destroy_process_group()
